@@ -1,0 +1,1 @@
+"""What users run: video QA jobs, batch captioning, camera feeds, the CLI and config."""

@@ -1,0 +1,59 @@
+"""`dymu-video`: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module under ``pipeline/commands/`` with two functions:
+``add_parser(subparsers)`` declares its arguments and ``run(args) -> int`` does the work. Heavy imports
+(torch, transformers, ray) happen inside ``run`` so that ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dymu.errors import DymuError
+
+# Order is the order `--help` lists them in.
+COMMAND_MODULES = [
+    "pipeline.commands.make_tiny_model",
+]
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dymu-video",
+        description=(
+            "Answer questions about videos, caption archives and follow camera feeds with open "
+            "vision-language models, spending compute only where the video has content."
+        ),
+        epilog="Run `dymu-video COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DymuError as exc:  # bad input: one line, no traceback
+        print(f"dymu-video {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dymu-video {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
