@@ -1,0 +1,247 @@
+"""Tiny random-weight checkpoints, for tests and offline smoke runs.
+
+`make_tiny_checkpoint` writes a complete Hugging Face folder (config, safetensors weights, a tokenizer built
+here from a few sentences, image/video processor configs and a chat template) that transformers' own
+``from_pretrained`` loads like any downloaded checkpoint. The image geometry is the real one (SigLIP
+384 px / patch 14 = 729 patches; CLIP 336 px / patch 14 = 576 patches + CLS) so that token counts mean what
+they mean on real models; widths and depths are shrunk so that a forward pass takes milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llava-onevision", "llava")
+
+# A few sentences are enough for a byte-level BPE: any text still tokenizes (bytes are the alphabet),
+# common words just come out shorter.
+_CORPUS = [
+    "What is the person doing in the video? Describe the scene in detail.",
+    "A man is walking a dog along the street while cars pass by.",
+    "The camera shows a static view of a door, a wall and a window.",
+    "Is anyone at the door? Describe what changed since the last frame.",
+    "A cat sits on a red sofa next to a lamp and a green plant.",
+    "The quick brown fox jumps over the lazy dog, then runs into the forest.",
+    "Summarize the video: people, objects, actions, colours and the setting.",
+]
+
+_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Widths and depths of a tiny checkpoint. The defaults keep a whole forward pass in milliseconds."""
+
+    vision_width: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 512
+
+
+def _build_tokenizer(special_tokens: list[str], vocab_size: int, **named_special: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named_special)
+
+
+def _ov_parts(sizes: TinySizes):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig
+
+    tokenizer = _build_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        sizes.vocab_size,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    vocab = len(tokenizer)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=sizes.vision_width,
+            intermediate_size=4 * sizes.vision_width,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=sizes.vision_heads,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,
+        ).to_dict(),
+        text_config=Qwen2Config(
+            hidden_size=sizes.text_width,
+            intermediate_size=4 * sizes.text_width,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            num_key_value_heads=sizes.text_kv_heads,
+            vocab_size=vocab,
+            max_position_embeddings=32768,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return config, tokenizer, image_processor, _OV_CHAT_TEMPLATE
+
+
+def _llava_parts(sizes: TinySizes):
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tokenizer = _build_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        sizes.vocab_size,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    vocab = len(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=sizes.vision_width,
+            intermediate_size=4 * sizes.vision_width,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=sizes.vision_heads,
+            projection_dim=sizes.vision_width,
+            image_size=336,
+            patch_size=14,
+        ).to_dict(),
+        text_config=LlamaConfig(
+            hidden_size=sizes.text_width,
+            intermediate_size=4 * sizes.text_width,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            num_key_value_heads=sizes.text_kv_heads,
+            vocab_size=vocab,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    return config, tokenizer, image_processor, _LLAVA_CHAT_TEMPLATE
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    family: str = "llava-onevision",
+    seed: int = 0,
+    sizes: TinySizes | None = None,
+) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` into ``out_dir`` and return its path.
+
+    The same seed gives the same weights and tokenizer. The folder holds what a hub checkpoint holds, so
+    every loader in this package (and transformers' own) treats it as a real model.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    if family not in FAMILIES:
+        from dymu.errors import DymuError
+
+        raise DymuError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    sizes = sizes or TinySizes()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "llava-onevision":
+        config, tokenizer, image_processor, chat_template = _ov_parts(sizes)
+        model_cls = LlavaOnevisionForConditionalGeneration
+    else:
+        config, tokenizer, image_processor, chat_template = _llava_parts(sizes)
+        model_cls = LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(chat_template)
+    _write_processor_configs(out, family, config, image_processor)
+    log.info("wrote tiny %s checkpoint to %s", family, out)
+    return out
+
+
+def _write_processor_configs(out: Path, family: str, config, image_processor) -> None:
+    """Write the processor files a hub checkpoint carries.
+
+    They are written as JSON rather than through the processor classes because LLaVA-OneVision's video
+    processor needs torchvision, which CPU-only machines may lack; the files are the same either way.
+    """
+    if family == "llava-onevision":
+        processor = {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": (config.vision_config.image_size // config.vision_config.patch_size) ** 2,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "vision_aspect_ratio": config.vision_aspect_ratio,
+        }
+        video = {
+            "video_processor_type": "LlavaOnevisionVideoProcessor",
+            "processor_class": "LlavaOnevisionProcessor",
+            "size": {"height": 384, "width": 384},
+            "resample": 3,
+            "do_resize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(image_processor.image_mean),
+            "image_std": list(image_processor.image_std),
+            "do_convert_rgb": True,
+        }
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    else:
+        processor = {
+            "processor_class": "LlavaProcessor",
+            "patch_size": config.vision_config.patch_size,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "num_additional_image_tokens": 1,
+        }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))

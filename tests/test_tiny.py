@@ -1,0 +1,80 @@
+"""The tiny checkpoints are real checkpoints: transformers loads them and runs the stock forward."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dymu.tiny import make_tiny_checkpoint
+from pipeline.cli import main
+
+
+def _image(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+
+
+def test_llava_loads_and_generates_through_its_own_processor(tiny_llava):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=_image(), text=prompt, return_tensors="pt")
+    # 336/14 = 24 -> 576 patch tokens stand in for the one <image> placeholder (CLS is dropped).
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 576
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_onevision_loads_and_runs_stock_forward(tiny_ov):
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ov)
+    image_processor = AutoImageProcessor.from_pretrained(tiny_ov)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_ov).eval()
+    vision = model.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == 729
+    pixels = image_processor(_image(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = model.model.vision_tower(pixels[:, 0], output_hidden_states=True).hidden_states[-1]
+    assert feats.shape == (1, 729, vision.hidden_size)
+    ids = tokenizer("Describe the scene.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="LLaVA-OneVision's processor needs torchvision")
+def test_onevision_auto_processor_loads(tiny_ov):
+    from transformers import AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(tiny_ov)).__name__ == "LlavaOnevisionProcessor"
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a = load_file(make_tiny_checkpoint(tmp_path / "a", "llava", seed=3) / "model.safetensors")
+    b = load_file(make_tiny_checkpoint(tmp_path / "b", "llava", seed=3) / "model.safetensors")
+    c = load_file(make_tiny_checkpoint(tmp_path / "c", "llava", seed=4) / "model.safetensors")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cli_writes_a_checkpoint(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--family", "llava"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    assert "wrote a tiny llava checkpoint" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_family(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["make-tiny-model", str(tmp_path / "m"), "--family", "gpt2"])
+    assert exc.value.code == 2
