@@ -1,0 +1,69 @@
+"""The virtual layout reproduces the stock model's encoder-to-LLM sequence exactly, and shares rows
+between positions whose composition is identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dymu.layout import compose, identity_map, probe_position_map, repeat_per_frame
+from dymu.tokens import MergedTokens
+
+
+@pytest.fixture(scope="module")
+def ov_model(tiny_ov):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_ov).eval()
+
+
+def _unmerged(features: torch.Tensor) -> MergedTokens:
+    frames, per_frame, _ = features.shape
+    n = frames * per_frame
+    return MergedTokens(features.reshape(n, -1), torch.ones(n, dtype=torch.long), torch.arange(n), [per_frame] * frames)
+
+
+@torch.no_grad()
+def test_video_layout_matches_stock_video_features(ov_model):
+    frames = 3
+    pixels = torch.randn(1, frames, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    stock = ov_model.model.get_video_features(
+        pixels, vision_feature_layer=-1, vision_feature_select_strategy="full", output_hidden_states=True
+    ).pooler_output[0]
+    hidden = ov_model.model.vision_tower(pixels[0], output_hidden_states=True).hidden_states[-1]
+    frame_map = probe_position_map(lambda x: ov_model.model.apply_pooling(x.view(1, 729, -1))[0], 729)
+    assert frame_map.num_outputs == 196  # 27x27 pooled to 14x14
+    video_map = repeat_per_frame(frame_map, frames, trailing_inserted=1)
+    out = compose(_unmerged(hidden), video_map, ov_model.model.multi_modal_projector, ov_model.model.image_newline)
+    out.validate()
+    assert out.num_positions == stock.shape[0] == frames * 196 + 1
+    torch.testing.assert_close(out.embeds[out.mapping], stock, atol=1e-5, rtol=1e-5)
+    assert out.positions_per_frame == [196, 196, 197]
+
+
+@torch.no_grad()
+def test_identical_compositions_share_one_row(ov_model):
+    frames, dim = 2, ov_model.config.vision_config.hidden_size
+    frame_map = probe_position_map(lambda x: ov_model.model.apply_pooling(x.view(1, 729, -1))[0], 729)
+    video_map = repeat_per_frame(frame_map, frames, trailing_inserted=1)
+    # Frame 0: left half one token, right half another; frame 1: the whole frame is the left token.
+    col = torch.arange(729) % 27
+    mapping = torch.cat([(col >= 14).long(), torch.zeros(729, dtype=torch.long)])
+    tokens = MergedTokens(torch.randn(2, dim), torch.bincount(mapping), mapping, [729, 729])
+    out = compose(tokens, video_map, ov_model.model.multi_modal_projector, ov_model.model.image_newline)
+    out.validate()
+    # Pure-left cells (both frames), pure-right cells, one boundary column of mixed cells, the newline.
+    assert 4 <= out.num_unique <= 2 + 14 + 1
+    left = ov_model.model.multi_modal_projector(tokens.embeds[:1])[0]
+    torch.testing.assert_close(out.embeds[out.mapping[196]], left)  # frame 1, first cell
+
+
+def test_identity_map_keeps_every_position():
+    tokens = _unmerged(torch.randn(1, 576, 8))
+    out = compose(tokens, identity_map(576), lambda x: 2 * x)
+    assert out.num_unique == 576
+    torch.testing.assert_close(out.embeds[out.mapping], 2 * tokens.embeds)
+
+
+def test_wrong_position_count_is_refused():
+    with pytest.raises(ValueError, match="576"):
+        compose(_unmerged(torch.randn(1, 575, 8)), identity_map(576), lambda x: x)
