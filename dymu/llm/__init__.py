@@ -1,0 +1,36 @@
+"""The LLM side: VTU prefill, a KV cache made for pruning, and DyRate-style progressive pruning.
+
+Typical use, on a Hugging Face ``*ForCausalLM`` or LLaVA model::
+
+    sequence = build_sequence(model, [before_ids, merged_tokens, after_ids])
+    result = generate(model, sequence, GenerateConfig(max_new_tokens=256, prune=PruneConfig(enabled=True)),
+                      tokenizer=tokenizer, on_token=print)
+"""
+from dymu.llm.config import GenerateConfig, PruneConfig
+from dymu.llm.decoder import Decoder, load_decoder
+from dymu.llm.generate import Generation, GenerationResult, decode_step, generate
+from dymu.llm.kv_cache import KVCache
+from dymu.llm.prune import AttentionFallRule, AttentionStats, LinearSchedule, Pruner, RatePredictor
+from dymu.llm.sequence import VirtualSequence, build_sequence
+from dymu.llm.vtu import PrefillOutput, prefill
+
+__all__ = [
+    "AttentionFallRule",
+    "AttentionStats",
+    "Decoder",
+    "GenerateConfig",
+    "Generation",
+    "GenerationResult",
+    "KVCache",
+    "LinearSchedule",
+    "PrefillOutput",
+    "PruneConfig",
+    "Pruner",
+    "RatePredictor",
+    "VirtualSequence",
+    "build_sequence",
+    "decode_step",
+    "generate",
+    "load_decoder",
+    "prefill",
+]
