@@ -121,6 +121,7 @@ class Generation:
         self.eos = set(self.config.eos_token_ids if self.config.eos_token_ids is not None else self.decoder.eos_token_ids)
         prune = self.config.prune
         self.pruner = Pruner(prune, self.decoder.num_layers, predictor) if prune.enabled else None
+        self.cache: KVCache | None = None
         self.result = GenerationResult(
             virtual_length=self.sequence.num_positions,
             unique_rows=self.sequence.num_rows,
@@ -130,8 +131,8 @@ class Generation:
     def __iter__(self) -> Iterator[int]:
         decoder, config, result = self.decoder, self.config, self.result
         prompt_entries = self.sequence.num_positions if config.prefill == "vtu" else self.sequence.num_rows
-        cache = KVCache(decoder.num_layers, decoder.num_kv_heads, decoder.head_dim,
-                        prompt_entries + config.max_new_tokens, decoder.device, decoder.dtype)
+        cache = self.cache = KVCache(decoder.num_layers, decoder.num_kv_heads, decoder.head_dim,
+                                     prompt_entries + config.max_new_tokens, decoder.device, decoder.dtype)
         generator = None
         if config.do_sample and config.seed is not None:
             generator = torch.Generator(device=decoder.device).manual_seed(config.seed)
