@@ -8,6 +8,7 @@ Every problem with the input raises a ``MediaError`` subclass whose one-line mes
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,6 +93,8 @@ def _existing_file(path: str | Path) -> Path:
         raise MediaNotFound(f"{path}: no such file")
     if not path.is_file():
         raise MediaNotFound(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise MediaNotFound(f"{path}: not readable (permission denied)")
     return path
 
 
@@ -165,6 +168,8 @@ def load_image(path: str | Path) -> Image.Image:
         if is_video_path(path):
             raise UnsupportedMedia(f"{path}: is a video, not an image") from exc
         raise UnsupportedMedia(f"{path}: neither an image nor a video") from exc
+    except Image.DecompressionBombError as exc:
+        raise UnsupportedMedia(f"{path}: image too large ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports truncated data as OSError
         raise CorruptMedia(f"{path}: truncated or corrupt image ({exc})") from exc
 

@@ -33,7 +33,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, faststar
     """
     path = Path(path)
     frames = np.asarray(frames, dtype=np.uint8)
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), mode="w", format="mp4", options=options) as container:
         stream = container.add_stream(_video_codec(), rate=Fraction(fps).limit_denominator(1000))

@@ -8,7 +8,6 @@ from PIL import Image
 from dymu.errors import DymuError
 from dymu.frames import (
     CorruptMedia,
-    MediaError,
     MediaNotFound,
     NoFramesSampled,
     NoVideoStream,
@@ -76,6 +75,17 @@ def test_decord_and_pyav_agree(tmp_path):
     assert fast.timestamps == pytest.approx(slow.timestamps)
     diff = np.abs(fast.frames.astype(np.int16) - slow.frames.astype(np.int16))
     assert diff.mean() < 1.0 and diff.max() <= 8  # two FFmpeg builds, colour conversion may round apart
+
+
+def test_pyav_reads_what_decord_cannot_open(tmp_path):
+    # decord refuses animated GIFs ("broken metadata"); PyAV decodes them, counting frames from packets.
+    images = [Image.fromarray(media.textured_frame(64, seed=i)) for i in range(5)]
+    gif = tmp_path / "anim.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=100, loop=0)
+    assert media_kind(gif) == "video"
+    video = read_video_frames(gif, num_frames=3)
+    assert video.backend == "av" and video.indices == [0, 2, 4] and video.total_frames == 5
+    assert video.timestamps == pytest.approx([0.0, 0.2, 0.4])
 
 
 def test_decoded_video_keeps_its_content(tmp_path):
@@ -171,7 +181,7 @@ def test_zero_frames(counter, tmp_path):
     with pytest.raises(NoFramesSampled):
         read_video_frames(counter, fps=0.0)
     # A container closed before its first frame has no usable video stream at all.
-    with pytest.raises(MediaError, match="empty_video.mp4"):
+    with pytest.raises(NoVideoStream, match="empty_video.mp4"):
         read_video_frames(media.empty_video(tmp_path / "empty_video.mp4"))
 
 
