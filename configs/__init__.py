@@ -1,0 +1,1 @@
+"""Bundled YAML presets and calibrated thresholds (data, loaded with importlib.resources)."""

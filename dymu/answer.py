@@ -1,0 +1,57 @@
+"""Write the answer to a question about merged visual tokens: the chat prompt around the visual block,
+VTU prefill and (optionally pruned) decoding, with the text streamed as it is written."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dymu.families.base import VLMFamily
+from dymu.llm.config import GenerateConfig
+from dymu.llm.generate import GenerationResult, generate
+from dymu.llm.sequence import VirtualSequence, build_sequence
+from dymu.tokens import MergedTokens
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive.
+
+    Decoding token by token breaks multi-byte characters, so the whole answer is decoded each time and
+    only the new, complete suffix is emitted.
+    """
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
+            return
+        if len(text) > self.sent:
+            self.emit(text[self.sent :])
+            self.sent = len(text)
+
+
+def question_sequence(family: VLMFamily, tokens: MergedTokens, question: str, kind: str) -> VirtualSequence:
+    """The LLM input: the prompt's text, with the merged visual block where the placeholder was."""
+    prompt = family.prompt(question, kind)
+    return build_sequence(family.model, [prompt.before, tokens, prompt.after])
+
+
+def write_answer(
+    family: VLMFamily,
+    tokens: MergedTokens,
+    question: str,
+    kind: str,
+    config: GenerateConfig,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Answer ``question`` about ``tokens`` (a video or an image, per ``kind``)."""
+    sequence = question_sequence(family, tokens, question, kind)
+    stream = TextStream(family.tokenizer, on_text) if on_text else None
+    result = generate(family.model, sequence, config, tokenizer=family.tokenizer, on_token=stream)
+    if result.text is not None:
+        result.text = result.text.strip()
+    return result

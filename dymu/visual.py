@@ -1,0 +1,124 @@
+"""From pixels to the LLM's merged visual tokens: DToMe per frame, temporal merging, then the projector and
+the model's own layout (see ``dymu.layout``).
+
+``VisualTokenizer.encode_frames`` / ``encode_image`` return a ``MergedTokens`` in the LLM's hidden size
+whose mapping covers exactly the positions the unmodified model would give the LLM. Its ``meta["stages"]``
+records the token count after every stage, so a report can say where the savings came from.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dymu.families.base import VLMFamily
+from dymu.layout import PositionMap, compose
+from dymu.temporal import merge_frames
+from dymu.tokens import MergedTokens
+from dymu.vision.encoder import DToMeEncoder, layers_to_run
+from dymu.vision.runner import MergedImage
+
+log = logging.getLogger(__name__)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VisualTokenizer:
+    """Turns frames or an image into LLM-side merged tokens for one model.
+
+    taus: DToMe thresholds per encoder layer, or None for the stock encoder (nothing merged).
+    temporal_threshold: cosine above which a token merges with the previous frame's (>= 1.0: off).
+    batch_size: frames per encoder call (bounds memory on long videos).
+    """
+
+    def __init__(
+        self,
+        family: VLMFamily,
+        taus: Sequence[float] | None,
+        temporal_threshold: float = 1.0,
+        batch_size: int = 8,
+    ):
+        self.family = family
+        self.taus = None if taus is None else list(taus)
+        self.temporal_threshold = temporal_threshold
+        self.batch_size = batch_size
+        drop_cls = getattr(family.config, "vision_feature_select_strategy", "full") == "default"
+        self.encoder = DToMeEncoder(family.vision_tower, taus, family.feature_layer, drop_cls=drop_cls)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.family.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        """Encoder layers that run (and need a threshold each)."""
+        return layers_to_run(self.family.feature_layer, len(self.encoder.parts.layers))
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray, timestamps: Sequence[float] = ()) -> MergedTokens:
+        """Frames (T, H, W, 3) uint8 of one video -> merged tokens of the whole video."""
+        pixels = self.family.frame_pixels(frames)
+        return self._encode(pixels, self.family.video_map(len(pixels)), timestamps, merge_across=True)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> MergedTokens:
+        """One image (its crops, for AnyRes models) -> merged tokens in the model's image layout."""
+        pixels, position_map = self.family.image_pixels(image)
+        return self._encode(pixels, position_map, (), merge_across=False)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> list[MergedImage]:
+        """DToMe (or the stock encoder when ``taus`` is None) on (T, 3, H, W) pixels, in batches."""
+        results: list[MergedImage] = []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = pixels[start : start + self.batch_size]
+            results.extend(self.encoder(batch) if self.taus is not None else self._stock(batch))
+        return results
+
+    def _stock(self, pixels: torch.Tensor) -> list[MergedImage]:
+        """The unmodified encoder's features, each position its own row (the `off` path)."""
+        weight = next(self.family.vision_tower.parameters())
+        out = self.family.vision_tower(pixels.to(weight.device, weight.dtype), output_hidden_states=True)
+        features = out.hidden_states[self.family.feature_layer]
+        if self.encoder.drop_cls:
+            features = features[:, 1:]
+        n = features.shape[1]
+        ids = torch.arange(n, device=features.device)
+        return [MergedImage(f, torch.ones_like(ids), ids) for f in features]
+
+    def _encode(
+        self, pixels: torch.Tensor, position_map: PositionMap, timestamps: Sequence[float], merge_across: bool
+    ) -> MergedTokens:
+        started = time.perf_counter()
+        images = self.encode_pixels(pixels)
+        per_frame = [image.to_tokens() for image in images]
+        threshold = self.temporal_threshold if merge_across else 1.0
+        merged = merge_frames(per_frame, threshold)
+        _synchronize(self.device)
+        encoded = time.perf_counter()
+        tokens = compose(merged, position_map, self.family.project, self.family.newline)
+        tokens.timestamps = [float(t) for t in timestamps]
+        _synchronize(self.device)
+        tokens.meta = {
+            "frames": len(images),
+            "stages": {
+                "encoder_tokens_per_frame": self.encoder.num_positions,
+                "dtome_tokens_per_frame": [image.num_tokens for image in images],
+                "temporal_rows_per_frame": merged.rows_per_frame(),
+                "llm_positions": tokens.num_positions,
+                "llm_rows": tokens.num_unique,
+            },
+            "seconds": {"encode": encoded - started, "layout": time.perf_counter() - encoded},
+        }
+        log.info(
+            "encoded %d frames: %d -> %d tokens (DToMe) -> %d rows (temporal) -> %d LLM rows for %d positions",
+            len(images), self.encoder.num_positions * len(images), sum(i.num_tokens for i in images),
+            merged.num_unique, tokens.num_unique, tokens.num_positions,
+        )
+        return tokens

@@ -1,0 +1,78 @@
+"""Where a model's DToMe thresholds come from when a job needs them.
+
+In order: a file the user named; a file bundled in ``configs/thresholds/``; one cached by an earlier run
+in the user's cache folder; and, when there is none, thresholds calibrated on the first frames this job
+sees (a running mean over batches, as `dymu-video calibrate` does), saved to the cache so the next run
+reuses them. That last case is logged as a warning: those thresholds fit one video, not a data set, and
+`dymu-video calibrate` on a representative set is better.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from dymu.calibrate import calibrate
+from dymu.thresholds import EncoderFingerprint, Thresholds
+from dymu.vision.encoder import DToMeEncoder
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """``$DYMU_CACHE`` or ``~/.cache/dymu-video``."""
+    root = os.environ.get("DYMU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymu-video"
+    return Path(root)
+
+
+def _file_name(model_id: str, fingerprint: EncoderFingerprint, keep: int) -> str:
+    digest = hashlib.sha256(json.dumps([model_id, asdict(fingerprint)], sort_keys=True).encode()).hexdigest()[:12]
+    stem = Path(model_id.rstrip("/")).name or "model"
+    return f"{stem}-{digest}-keep{keep}.json"
+
+
+def find_thresholds(
+    model_id: str, encoder: DToMeEncoder, keep: int, explicit: str | Path | None = None
+) -> Thresholds | None:
+    """The thresholds to use for ``model_id`` at ``keep`` tokens per frame, or None if there are none yet."""
+    fingerprint = EncoderFingerprint.of(encoder)
+    if explicit is not None:
+        return Thresholds.load(explicit, fingerprint, model_id)
+    name = _file_name(model_id, fingerprint, keep)
+    bundled = resources.files("configs").joinpath("thresholds", name)
+    if bundled.is_file():
+        return Thresholds.from_json(json.loads(bundled.read_text())).check(fingerprint, model_id)
+    cached = cache_dir() / "thresholds" / name
+    if cached.is_file():
+        log.info("using thresholds cached at %s", cached)
+        return Thresholds.load(cached, fingerprint, model_id)
+    return None
+
+
+def calibrate_and_cache(
+    model_id: str, encoder: DToMeEncoder, keep: int, pixels: torch.Tensor, source: str, batch_size: int = 8
+) -> Thresholds:
+    """Calibrate on ``pixels`` (the job's own first frames), save to the cache and return the thresholds."""
+    path = cache_dir() / "thresholds" / _file_name(model_id, EncoderFingerprint.of(encoder), keep)
+    log.warning(
+        "no DToMe thresholds calibrated for %s at %d tokens per frame yet: calibrating on the %d frames of %s "
+        "(saved to %s; run `dymu-video calibrate` on representative data for better ones)",
+        model_id, keep, len(pixels), source, path,
+    )
+    batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+    taus = calibrate(encoder, batches, keep)
+    thresholds = Thresholds(
+        taus=taus,
+        model_id=model_id,
+        encoder=EncoderFingerprint.of(encoder),
+        target_keep=float(keep),
+        calibration={"data": [source], "frames": len(pixels), "batch_size": batch_size, "auto": True},
+    )
+    thresholds.save(path)
+    return thresholds

@@ -1,0 +1,188 @@
+"""Video (and image) question answering in one process: the Python API behind `dymu-video ask`.
+
+    qa = VideoQA.from_pretrained("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", preset="mid")
+    answer = qa.ask("clip.mp4", "What is the person doing?")
+    print(answer.text, answer.report)
+
+The three stages (read frames, encode them into merged tokens, write the answer) are separate methods, so
+the distributed pipeline can run each one in its own worker and cache what ``encode`` returns.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from dymu.answer import write_answer
+from dymu.families import VLMFamily, load_family
+from dymu.frames import load_image, media_kind, read_video_frames
+from dymu.tokens import MergedTokens
+from dymu.visual import VisualTokenizer
+from pipeline.config import VideoQAConfig, make_config
+from pipeline.thresholds_store import calibrate_and_cache, find_thresholds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Media:
+    """What was read from one file: video frames (T, H, W, 3) with timestamps, or one image."""
+
+    source: str
+    kind: str  # "video" | "image"
+    frames: np.ndarray | None = None
+    timestamps: list[float] = field(default_factory=list)
+    image: Image.Image | None = None
+    read_seconds: float = 0.0
+
+
+@dataclass
+class Answer:
+    """An answer and its report: frames, tokens after every stage, LLM lengths, KV kept, time per stage."""
+
+    question: str
+    text: str
+    source: str
+    report: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "question": self.question, "answer": self.text, **self.report}
+
+
+class VideoQA:
+    """A loaded model plus the reductions of one config. Load once, ask many questions."""
+
+    def __init__(self, family: VLMFamily, config: VideoQAConfig):
+        self.family = family
+        self.config = config
+        self._visual: VisualTokenizer | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, preset: str | None = None, config_file: str | Path | None = None, **overrides: Any
+    ) -> "VideoQA":
+        """Load ``model`` (hub id or folder) with ``preset`` (off|low|mid|high), a YAML file and overrides."""
+        config = make_config(preset, config_file, model=model, **overrides)
+        return cls(load_family(config.model, config.device, config.dtype, config.revision), config)
+
+    # --- stage 1: frames -------------------------------------------------------------------------------
+    def read(self, path: str | Path) -> Media:
+        started = time.perf_counter()
+        source = str(path)
+        if media_kind(path) == "image":
+            return Media(source, "image", image=load_image(path), read_seconds=time.perf_counter() - started)
+        if not self.family.supports_video:
+            from dymu.errors import DymuError
+
+            raise DymuError(f"{self.config.model} ({self.family.name}) answers about images only, and {source} is a video")
+        video = read_video_frames(path, num_frames=self.config.num_frames if self.config.fps is None else None,
+                                  fps=self.config.fps, max_frames=self.config.max_frames)
+        return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
+                     read_seconds=time.perf_counter() - started)
+
+    # --- stage 2: merged tokens ------------------------------------------------------------------------
+    def encode(self, media: Media) -> MergedTokens:
+        visual = self.visual_tokenizer(media)
+        if media.kind == "image":
+            tokens = visual.encode_image(media.image)
+        else:
+            tokens = visual.encode_frames(media.frames, media.timestamps)
+        tokens.config_hash = self.config.encoder_fingerprint()
+        tokens.meta["seconds"]["read"] = media.read_seconds
+        tokens.meta["kind"] = media.kind
+        return tokens
+
+    def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer:
+        """The encoder stage, built on first use (its thresholds may be calibrated on ``media``)."""
+        if self._visual is not None:
+            return self._visual
+        config = self.config
+        if not config.dtome:
+            self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
+            return self._visual
+        probe = VisualTokenizer(self.family, None, config.temporal_threshold)
+        keep = config.tokens_to_keep(probe.encoder.num_positions)
+        thresholds = find_thresholds(config.model, probe.encoder, keep, config.thresholds)
+        if thresholds is None:
+            if media is None:
+                from dymu.errors import DymuError
+
+                raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
+            pixels = self.family.frame_pixels(media.frames) if media.kind == "video" else self.family.image_pixels(media.image)[0]
+            thresholds = calibrate_and_cache(config.model, probe.encoder, keep, pixels, media.source)
+        self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold)
+        return self._visual
+
+    # --- stage 3: the answer ---------------------------------------------------------------------------
+    def answer(
+        self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = ""
+    ) -> Answer:
+        kind = tokens.meta.get("kind", "video")
+        generation = write_answer(self.family, tokens, question, kind, self.config.generate_config(self.family.config.text_config.num_hidden_layers), on_text)
+        return Answer(question=question, text=generation.text or "", source=source,
+                      report=build_report(self.config, tokens, generation))
+
+    def ask(self, path: str | Path, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Read, encode and answer in one call."""
+        media = self.read(path)
+        return self.answer(self.encode(media), question, on_text, source=media.source)
+
+
+def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dict[str, Any]:
+    stages = tokens.meta["stages"]
+    dtome = stages["dtome_tokens_per_frame"]
+    temporal = stages["temporal_rows_per_frame"]
+    seconds = dict(tokens.meta["seconds"])
+    seconds["prefill"] = generation.prefill_seconds
+    seconds["decode"] = sum(generation.decode_seconds)
+    visual_kept = generation.kept_trace[-1][1] if generation.kept_trace else generation.visual_positions
+    return {
+        "model": config.model,
+        "preset": config.preset,
+        "kind": tokens.meta.get("kind", "video"),
+        "frames": tokens.meta["frames"],
+        "timestamps": tokens.timestamps,
+        "tokens": {
+            "encoder_per_frame": stages["encoder_tokens_per_frame"],
+            "dtome_per_frame": dtome,
+            "temporal_new_per_frame": temporal,
+            "llm_visual_positions": stages["llm_positions"],
+            "llm_visual_rows": stages["llm_rows"],
+        },
+        "llm": {
+            "virtual_length": generation.virtual_length,
+            "rows_fed": generation.unique_rows,
+            "visual_kv_kept_at_end": visual_kept,
+            "visual_kv_trace": generation.kept_trace[:8],
+            "answer_tokens": len(generation.tokens),
+            "stop_reason": generation.stop_reason,
+            "decode_ms_per_token": generation.decode_ms_per_token,
+        },
+        "seconds": seconds,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The short human-readable report printed after a streamed answer."""
+    t, llm, s = report["tokens"], report["llm"], report["seconds"]
+    frames = report["frames"]
+    dtome = t["dtome_per_frame"]
+    temporal = t["temporal_new_per_frame"]
+    encoder_total = t["encoder_per_frame"] * frames
+    lines = [
+        f"{report['kind']}: {frames} frame(s) sampled, preset {report['preset']}",
+        f"visual tokens: {encoder_total} from the encoder ({t['encoder_per_frame']}/frame)"
+        f" -> {sum(dtome)} after DToMe ({sum(dtome) / frames:.0f}/frame)"
+        f" -> {sum(temporal)} after temporal merging",
+        f"LLM: {llm['virtual_length']} virtual positions, {llm['rows_fed']} rows fed"
+        f" ({t['llm_visual_rows']} visual rows for {t['llm_visual_positions']} visual positions);"
+        f" visual KV entries kept at the end: {llm['visual_kv_kept_at_end']}",
+        "time: " + ", ".join(f"{name} {value:.2f}s" for name, value in s.items())
+        + f"; {llm['answer_tokens']} tokens at {llm['decode_ms_per_token']:.1f} ms/token",
+    ]
+    return "\n".join(lines)
