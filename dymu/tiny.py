@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("llava-onevision", "llava")
 
-# A few sentences are enough for a byte-level BPE: any text still tokenizes (bytes are the alphabet),
-# common words just come out shorter.
+# A few sentences are enough for a tiny BPE: any ASCII text still tokenizes (characters are the
+# alphabet), common words just come out shorter.
 _CORPUS = [
     "What is the person doing in the video? Describe the scene in detail.",
     "A man is walking a dog along the street while cars pass by.",
@@ -65,16 +65,21 @@ class TinySizes:
 
 
 def _build_tokenizer(special_tokens: list[str], vocab_size: int, **named_special: str):
+    """A sentencepiece-style BPE over printable ASCII: any token decodes to readable text, so even a
+    random-weight model's answer prints as (random) words; other characters become the unknown token."""
+    import string
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    unk = named_special.get("unk_token", special_tokens[0])
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=list(string.printable.strip()) + ["\u2581"],
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)

@@ -15,7 +15,10 @@ from dymu.errors import DymuError
 
 # Order is the order `--help` lists them in.
 COMMAND_MODULES = [
+    "pipeline.commands.ask",
     "pipeline.commands.make_tiny_model",
+    "pipeline.commands.calibrate",
+    "pipeline.commands.tokens",
 ]
 
 

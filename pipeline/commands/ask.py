@@ -1,0 +1,91 @@
+"""`dymu-video ask PATH QUESTION`: answer a question about a video or an image."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import DEFAULT_MODEL, PRESETS
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs the model (ask, caption, stream)."""
+    g = p.add_argument_group("model and reductions")
+    g.add_argument("--model", help=f"Hugging Face id or local checkpoint folder (default {DEFAULT_MODEL})")
+    g.add_argument("--revision", help="checkpoint revision (branch, tag or commit) for a hub id")
+    g.add_argument("--preset", choices=PRESETS,
+                   help="how hard to reduce: off (the stock model), low (fewest tokens), mid (default), high")
+    g.add_argument("--config", dest="config_file", metavar="FILE", help="a YAML file of options (see configs/)")
+    g.add_argument("--thresholds", metavar="FILE", help="DToMe thresholds from `dymu-video calibrate`")
+    g.add_argument("--keep", type=int, help="average visual tokens per frame DToMe keeps (overrides the preset)")
+    g.add_argument("--temporal-threshold", type=float,
+                   help="cosine above which a token merges with the previous frame's (1.0 = off)")
+    g.add_argument("--no-vtu", dest="vtu", action="store_false", default=None,
+                   help="feed merged tokens at consecutive positions instead of virtually unmerging them")
+    g.add_argument("--no-prune", dest="prune_enabled", action="store_false", default=None,
+                   help="keep every visual KV entry while decoding")
+    g.add_argument("--frames", dest="num_frames", type=int, help="frames sampled uniformly from a video (default 8)")
+    g.add_argument("--fps", type=float, help="sample frames at this rate instead (capped by --max-frames)")
+    g.add_argument("--max-frames", type=int, help="never sample more than this many frames (default 64)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+
+
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("answer")
+    g.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 128)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The CLI flags as config overrides (None = not given, so the preset or file decides)."""
+    names = ("model", "revision", "thresholds", "keep", "temporal_threshold", "vtu", "num_frames", "fps",
+             "max_frames", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed")
+    overrides = {name: getattr(args, name, None) for name in names}
+    if getattr(args, "prune_enabled", None) is False:
+        overrides["prune"] = {"enabled": False}
+    return overrides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ask",
+        help="answer a question about a video or an image",
+        description=(
+            "Answer a question about a video (or an image). The answer streams as it is written, then a short "
+            "report says what it cost: frames sampled, visual tokens per frame before and after DToMe and "
+            "temporal merging, the LLM's virtual and real lengths, the visual KV entries kept at the end, and "
+            "the time of every stage."
+        ),
+        epilog=(
+            "examples:\n"
+            "  dymu-video ask clip.mp4 \"What is the person doing?\" --preset mid\n"
+            "  dymu-video ask photo.jpg \"What is on the table?\" --model llava-hf/llava-1.5-7b-hf --json\n"
+            "  dymu-video make-tiny-model ./tiny && dymu-video ask clip.mp4 \"Describe it\" --model ./tiny"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="a video file (mp4, mkv, webm, avi, ...) or an image")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--json", action="store_true", help="print one JSON object (answer and report) instead")
+    add_model_options(p)
+    add_answer_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dymu.frames import media_kind
+    from pipeline.videoqa import VideoQA, format_report
+
+    media_kind(args.path)  # a missing or unreadable file fails before the model loads
+    qa = VideoQA.from_pretrained(preset=args.preset, config_file=args.config_file, **config_overrides(args))
+    stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    answer = qa.ask(args.path, args.question, on_text=stream)
+    if args.json:
+        print(json.dumps(answer.to_json()))
+    else:
+        print()
+        print(format_report(answer.report))
+    return 0
