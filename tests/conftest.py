@@ -10,6 +10,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# A real redis-server per test session (fixture `redis_server`); no mocks for the cache.
+pytest_plugins = ["tests.redis_fixture"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Thresholds calibrated during tests go to a temp folder, never to the user's cache."""
+    os.environ["DYMU_CACHE"] = str(tmp_path_factory.mktemp("dymu-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting one takes seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
 
 @pytest.fixture(scope="session")
 def tiny_ov(tmp_path_factory) -> Path:
