@@ -1,0 +1,154 @@
+"""Per-layer DToMe thresholds: one small, versioned JSON file per (model, preset).
+
+The file says which encoder it was made for (family, depth, feature layer, geometry, width), so that
+thresholds are never applied to a model they do not fit, and how it was made (target, calibration data,
+the token counts it achieved there), so that a user can tell what it will cost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dymu.errors import DymuError
+from dymu.vision.encoder import DToMeEncoder, layers_to_run
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dymu-thresholds"
+VERSION = 1
+
+
+class ThresholdsError(DymuError):
+    """A thresholds file that cannot be read, or that was made for another encoder."""
+
+
+@dataclass(frozen=True)
+class EncoderFingerprint:
+    """What must match between the encoder a file was calibrated on and the one it is applied to."""
+
+    family: str
+    num_layers: int
+    feature_layer: int
+    image_size: int
+    patch_size: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, encoder: DToMeEncoder) -> "EncoderFingerprint":
+        config = encoder.tower.config
+        return cls(
+            family=encoder.family,
+            num_layers=len(encoder.parts.layers),
+            feature_layer=encoder.feature_layer,
+            image_size=int(config.image_size),
+            patch_size=int(config.patch_size),
+            hidden_size=int(config.hidden_size),
+        )
+
+    def differences(self, other: "EncoderFingerprint") -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{key} {mine[key]} (file) vs {theirs[key]} (model)" for key in mine if mine[key] != theirs[key]]
+
+
+@dataclass
+class Thresholds:
+    """Per-layer taus for the layers an encoder runs, with where they came from.
+
+    calibration: what they were calibrated on (``data`` paths, ``images``, ``videos``, ``frames_per_video``,
+    ``samples``, ``batch_size``). achieved_mean/std: tokens per sample with these taus on that data.
+    """
+
+    taus: list[float]
+    model_id: str
+    encoder: EncoderFingerprint
+    target_keep: float
+    preset: str | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    achieved_mean: float | None = None
+    achieved_std: float | None = None
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def check(self, fingerprint: EncoderFingerprint, model_id: str | None = None) -> "Thresholds":
+        """Raise ``ThresholdsError`` unless these thresholds fit an encoder with ``fingerprint``."""
+        differences = self.encoder.differences(fingerprint)
+        if differences:
+            raise ThresholdsError(
+                f"thresholds made for {self.model_id} do not fit this model: " + "; ".join(differences)
+            )
+        if model_id is not None and model_id != self.model_id:
+            log.warning("thresholds were calibrated on %s, applying them to %s (same encoder shape)", self.model_id, model_id)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {"id": self.model_id, **asdict(self.encoder)},
+            "preset": self.preset,
+            "target_keep": self.target_keep,
+            "taus": self.taus,
+            "calibration": self.calibration,
+            "achieved": {"mean": self.achieved_mean, "std": self.achieved_std},
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Thresholds":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ThresholdsError("not a dymu thresholds file")
+        if data.get("version") != VERSION:
+            raise ThresholdsError(f"thresholds file version {data.get('version')!r}, this dymu reads version {VERSION}")
+        try:
+            model = dict(data["model"])
+            model_id = str(model.pop("id"))
+            encoder = EncoderFingerprint(**model)
+            thresholds = cls(
+                taus=[float(t) for t in data["taus"]],
+                model_id=model_id,
+                encoder=encoder,
+                target_keep=float(data["target_keep"]),
+                preset=data.get("preset"),
+                calibration=dict(data.get("calibration") or {}),
+                achieved_mean=data.get("achieved", {}).get("mean"),
+                achieved_std=data.get("achieved", {}).get("std"),
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ThresholdsError(f"malformed thresholds file ({exc.__class__.__name__}: {exc})") from exc
+        expected = layers_to_run(encoder.feature_layer, encoder.num_layers)
+        if len(thresholds.taus) != expected:
+            raise ThresholdsError(f"{len(thresholds.taus)} thresholds for an encoder that runs {expected} layers")
+        return thresholds
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, fingerprint: EncoderFingerprint | None = None, model_id: str | None = None
+    ) -> "Thresholds":
+        """Read a thresholds file; with ``fingerprint``, also check that it fits that encoder."""
+        path = Path(path)
+        if not path.is_file():
+            raise ThresholdsError(f"{path}: no such thresholds file")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ThresholdsError(f"{path}: not a JSON thresholds file ({exc})") from exc
+        try:
+            thresholds = cls.from_json(data)
+        except ThresholdsError as exc:
+            raise ThresholdsError(f"{path}: {exc}") from exc
+        if fingerprint is not None:
+            try:
+                thresholds.check(fingerprint, model_id)
+            except ThresholdsError as exc:
+                raise ThresholdsError(f"{path}: {exc}") from exc
+        return thresholds

@@ -1,0 +1,90 @@
+"""`dymu-video calibrate`: per-layer DToMe thresholds for a model, from a set of images and videos."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate DToMe thresholds for a model on your images/videos",
+        description=(
+            "Calibrate DToMe's per-layer merge thresholds so that the encoder keeps a chosen number of visual "
+            "tokens per image on average. Images count once, videos contribute sampled frames. Simple images "
+            "end up with fewer tokens than busy ones; the achieved mean and spread on the data are printed "
+            "and stored in the thresholds file."
+        ),
+    )
+    p.add_argument("--model", required=True, help="LLaVA-OneVision or LLaVA-1.5 checkpoint: hub id or local folder")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="images, videos or folders of them")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--keep", type=float, help="average visual tokens to keep per image")
+    target.add_argument(
+        "--preset",
+        choices=["low", "mid", "high"],
+        help="DyMU's presets: keep ~89/195/394 of 576 tokens (the same shares of other grids, e.g. 113/247/499 of 729)",
+    )
+    p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per calibration batch (default 8)")
+    p.add_argument("--frames-per-video", type=int, default=8, help="frames sampled from each video (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from dymu.calibrate import calibrate, preset_keep, token_counts
+    from dymu.errors import DymuError
+    from dymu.thresholds import EncoderFingerprint, Thresholds
+    from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
+
+    if args.batch_size < 1 or args.frames_per_video < 1:
+        raise DymuError("--batch-size and --frames-per-video must be at least 1")
+    files = media_files(args.data)
+    if not files:
+        raise DymuError("the calibration set is empty: no image or video in " + " ".join(args.data))
+    num_videos = sum(kind == "video" for _, kind in files)
+    expected = len(files) - num_videos + num_videos * args.frames_per_video
+
+    vision = load_vision_model(args.model, args.device, args.dtype)
+    encoder = vision.encoder()
+    keep = args.keep if args.keep is not None else preset_keep(args.preset, encoder.num_positions)
+
+    def batches():
+        for batch in batched(iter_samples(files, args.frames_per_video), args.batch_size):
+            yield vision.pixels([sample.frame for sample in batch])
+
+    with tqdm(total=expected, unit="img", desc="calibrating") as bar:
+        taus = calibrate(encoder, batches(), keep, on_batch=bar.update)
+    encoder = vision.encoder(taus)
+    with tqdm(total=expected, unit="img", desc="measuring") as bar:
+        counts = token_counts(encoder, batches(), on_batch=bar.update)
+
+    thresholds = Thresholds(
+        taus=taus,
+        model_id=args.model,
+        encoder=EncoderFingerprint.of(encoder),
+        target_keep=float(keep),
+        preset=args.preset,
+        calibration={
+            "data": [str(path) for path in args.data],
+            "images": len(files) - num_videos,
+            "videos": num_videos,
+            "frames_per_video": args.frames_per_video,
+            "samples": len(counts),
+            "batch_size": args.batch_size,
+        },
+        achieved_mean=float(np.mean(counts)),
+        achieved_std=float(np.std(counts)),
+    )
+    path = thresholds.save(args.out)
+    print(
+        f"target {keep:g} tokens of {encoder.num_positions} per image; achieved "
+        f"{thresholds.achieved_mean:.1f} +- {thresholds.achieved_std:.1f} "
+        f"(min {min(counts)}, max {max(counts)}) on {len(counts)} images/frames"
+    )
+    print(f"wrote {path}")
+    return 0
