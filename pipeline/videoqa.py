@@ -49,6 +49,7 @@ class Answer:
     text: str
     source: str
     report: dict[str, Any]
+    tokens: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "question": self.question, "answer": self.text, **self.report}
@@ -125,7 +126,7 @@ class VideoQA:
         kind = tokens.meta.get("kind", "video")
         generation = write_answer(self.family, tokens, question, kind, self.config.generate_config(self.family.config.text_config.num_hidden_layers), on_text)
         return Answer(question=question, text=generation.text or "", source=source,
-                      report=build_report(self.config, tokens, generation))
+                      report=build_report(self.config, tokens, generation), tokens=list(generation.tokens))
 
     def ask(self, path: str | Path, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         """Read, encode and answer in one call."""
