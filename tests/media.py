@@ -5,49 +5,13 @@ decoding take milliseconds; pass a size when a test needs the real model geometr
 """
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
 
-# libx264 is in PyAV's bundled FFmpeg; mpeg4 is the fallback for builds without it.
-_VIDEO_CODECS = ("libx264", "mpeg4")
-
-
-def _video_codec() -> str:
-    for name in _VIDEO_CODECS:
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:  # PyAV raises UnknownCodecError (or ValueError in older releases)
-            continue
-    raise RuntimeError(f"PyAV's FFmpeg has none of the video encoders {_VIDEO_CODECS}")
-
-
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, faststart: bool = False) -> Path:
-    """Encode uint8 frames (T, H, W, 3) as an mp4 (H.264, yuv420p, so H and W must be even), whatever the suffix.
-
-    ``faststart`` puts the index (moov) before the data, as streaming sites do; by default it comes last.
-    """
-    path = Path(path)
-    frames = np.asarray(frames, dtype=np.uint8)
-    _, h, w, _ = frames.shape
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), mode="w", format="mp4", options=options) as container:
-        stream = container.add_stream(_video_codec(), rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # Near-lossless, so that what a test wrote is what the decoder reads back (noise included).
-        if stream.codec_context.name == "libx264":
-            stream.options = {"crf": "1", "preset": "ultrafast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
+from pipeline.sample_media import video_codec, write_video
 
 def textured_frame(size: int = 64, seed: int = 0) -> np.ndarray:
     """A (size, size, 3) frame with smooth blobs and edges: structure a vision encoder can tell apart."""
@@ -100,7 +64,7 @@ def empty_video(path: str | Path, size: int = 64) -> Path:
     """An mp4 container that was opened for video and closed before any frame was written."""
     path = Path(path)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(_video_codec(), rate=8)
+        stream = container.add_stream(video_codec(), rate=8)
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
         container.start_encoding()
     return path
