@@ -85,7 +85,10 @@ def load_vision_model(model_id: str, device: str | None = "auto", dtype: str | t
     from transformers import AutoConfig, AutoImageProcessor
 
     device, dtype = resolve_device_dtype(device, dtype)
-    config = load_pretrained(AutoConfig, model_id)
+    try:
+        config = load_pretrained(AutoConfig, model_id)
+    except ValueError as exc:  # a folder with a config.json that is not a model's
+        raise DymuError(f"{model_id} is not a Hugging Face model checkpoint ({exc})") from exc
     class_name = _LLAVA_CLASSES.get(config.model_type)
     if class_name is None:
         raise DymuError(f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision and LLaVA-1.5")
