@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from dymu.errors import DymuError
-from dymu.llm import GenerateConfig, KVCache, VirtualSequence, build_sequence, generate, load_decoder, prefill
-from dymu.llm.decoder import rope_tables
+from dymu.llm import (
+    GenerateConfig,
+    Generation,
+    KVCache,
+    LinearSchedule,
+    PruneConfig,
+    VirtualSequence,
+    build_sequence,
+    generate,
+    load_decoder,
+    prefill,
+)
+from dymu.llm.decoder import project_qkv, rope_tables
 from dymu.llm.vtu import vtu_attention
 from dymu.tokens import MergedTokens
 from tests.llm_models import merged_prompt, single_thread, tiny_decoder  # noqa: F401 (fixture)
@@ -55,12 +66,18 @@ def test_first_layer_attention_at_full_length_equals_stock(family):
     layer = decoder.layers[0]
     cos, sin = rope_tables(decoder, torch.arange(sequence.num_positions))
     with torch.no_grad():
-        per_position, keys, _ = vtu_attention(decoder, layer, sequence.rows, sequence.mapping, cos, sin)
+        q, k, v = project_qkv(decoder, layer, sequence.rows)
+        per_position = vtu_attention(q, k, v, sequence.mapping, cos, sin, layer.self_attn.scaling)
         ours = layer.self_attn.o_proj(per_position)
     assert ours.shape == (sequence.num_positions, 64) and sequence.num_rows < sequence.num_positions
     torch.testing.assert_close(ours, captured["out"], atol=1e-5, rtol=1e-5)
-    # Duplicates keep distinct keys: each position was rotated at its own RoPE position.
-    assert not torch.allclose(keys[6], keys[7])
+
+    # The cache holds every position, and duplicates keep distinct keys (each rotated at its own position).
+    cache = empty_cache(decoder)
+    prefill(decoder, sequence, cache)
+    assert cache.length(0) == sequence.num_positions
+    assert torch.equal(cache.values(0)[:, 6], cache.values(0)[:, 7])
+    assert not torch.allclose(cache.keys(0)[:, 6], cache.keys(0)[:, 7])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -150,3 +167,41 @@ def test_llava_onevision_checkpoint(tiny_ov):
     sequence = merged_prompt(model.model.language_model, seed=2)
     result = generate(model, sequence, GenerateConfig(max_new_tokens=5, eos_token_ids=()))
     assert len(result.tokens) == 5 and result.virtual_length == sequence.num_positions
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_grouped_cache_decodes_like_the_expanded_one(family):
+    model = tiny_decoder(family, layers=3)
+    sequence = merged_prompt(model, groups=10, group_size=4)
+    results = {}
+    for kind in ("expanded", "grouped"):
+        generation = Generation(model, sequence, GenerateConfig(max_new_tokens=16, kv_cache=kind, keep_logits=True))
+        list(generation)
+        results[kind] = generation
+    expanded, grouped = results["expanded"], results["grouped"]
+    assert grouped.result.tokens == expanded.result.tokens
+    for a, b in zip(grouped.result.logits, expanded.result.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    cache = grouped.cache
+    assert cache.length(0) == sequence.num_positions + 15 and cache.num_rows(0) == sequence.num_rows + 15
+    assert cache.nbytes() < expanded.cache.nbytes()
+
+
+def test_grouped_cache_pruning_drops_rows_no_entry_plays():
+    model = tiny_decoder("qwen2", layers=3)
+    sequence = merged_prompt(model, groups=10, group_size=4)
+    prune = PruneConfig(enabled=True, layer=0, start_step=3, interval=100, min_keep=0.2)
+    runs = {}
+    for kind in ("expanded", "grouped"):
+        generation = Generation(model, sequence, GenerateConfig(max_new_tokens=10, kv_cache=kind, keep_logits=True,
+                                                                prune=prune), predictor=LinearSchedule(0, 1, 0.0))
+        list(generation)
+        runs[kind] = generation
+    grouped, expanded = runs["grouped"].cache, runs["expanded"].cache
+    assert runs["grouped"].result.kept_trace == runs["expanded"].result.kept_trace == [(1, 40), (3, 8)]
+    assert torch.equal(grouped.positions(1), expanded.positions(1))
+    kept_rows = torch.unique(sequence.mapping[grouped.positions(1)[grouped.visual(1)]])
+    text_rows = sequence.num_rows - 10
+    assert grouped.num_rows(1) == text_rows + kept_rows.shape[0] + 9 < grouped.num_rows(0)
+    for a, b in zip(runs["grouped"].result.logits, runs["expanded"].result.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -8,7 +8,8 @@ Typical use, on a Hugging Face ``*ForCausalLM`` or LLaVA model::
 """
 from dymu.llm.config import GenerateConfig, PruneConfig
 from dymu.llm.decoder import Decoder, load_decoder
-from dymu.llm.generate import Generation, GenerationResult, decode_step, generate
+from dymu.llm.generate import Generation, GenerationResult, decode_step, generate, new_cache
+from dymu.llm.grouped_cache import GroupedKVCache
 from dymu.llm.kv_cache import KVCache
 from dymu.llm.prune import AttentionFallRule, AttentionStats, LinearSchedule, Pruner, RatePredictor
 from dymu.llm.sequence import VirtualSequence, build_sequence
@@ -21,6 +22,7 @@ __all__ = [
     "GenerateConfig",
     "Generation",
     "GenerationResult",
+    "GroupedKVCache",
     "KVCache",
     "LinearSchedule",
     "PrefillOutput",
@@ -32,5 +34,6 @@ __all__ = [
     "decode_step",
     "generate",
     "load_decoder",
+    "new_cache",
     "prefill",
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from dymu.errors import DymuError
 
 PREFILL_MODES = ("vtu", "no_vtu")
+KV_CACHE_KINDS = ("expanded", "grouped")
 
 
 @dataclass
@@ -58,6 +59,8 @@ class GenerateConfig:
 
     prefill: "vtu" (every original position keeps its own RoPE position; the authors' method) or "no_vtu"
         (merged rows at consecutive positions, the baseline VTU must beat).
+    kv_cache: "expanded" (every position's rotated K/V, as the authors do) or "grouped" (each merged row's K/V
+        once, rotated per position when attending: ~U/N of the memory, more work per step).
     do_sample: False = greedy. Otherwise sample at ``temperature`` from the smallest set of tokens whose
         probability reaches ``top_p``; ``seed`` makes it reproducible.
     eos_token_ids: tokens that end the answer; None = the model's own (generation config, then config).
@@ -73,6 +76,7 @@ class GenerateConfig:
     eos_token_ids: tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     prefill: str = "vtu"
+    kv_cache: str = "expanded"
     keep_logits: bool = False
     prune: PruneConfig = field(default_factory=PruneConfig)
 
@@ -85,6 +89,8 @@ class GenerateConfig:
             raise DymuError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.prefill not in PREFILL_MODES:
             raise DymuError(f"prefill must be one of {PREFILL_MODES}, got {self.prefill!r}")
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise DymuError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {self.kv_cache!r}")
         if isinstance(self.stop_strings, str):
             raise DymuError("stop_strings must be a list of strings, not one string")
         if any(not s for s in self.stop_strings):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dymu.errors import DymuError
@@ -129,22 +128,3 @@ def next_token_logits(decoder: Decoder, h: torch.Tensor) -> torch.Tensor:
     """Final norm and lm_head of hidden rows (n, D) -> (n, V)."""
     return decoder.lm_head(decoder.norm(h))
 
-
-def attend_new_token(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new token q (1, Hq, hd) over a layer's cache, keys and values (Hkv, T, hd) -> (1, Hq * hd).
-
-    The query heads that share a KV head are laid along the query-length axis, so grouped-query attention
-    needs no copy of the cache; with a single new token there is nothing to mask.
-    """
-    num_kv_heads = keys.shape[0]
-    grouped = q[0].view(num_kv_heads, -1, q.shape[-1])[None]
-    out = F.scaled_dot_product_attention(grouped, keys[None], values[None], scale=scale)
-    return out.reshape(1, -1)
-
-
-def attention_weights(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """The new token's attention probabilities over the cache entries (T,), averaged over heads (float32)."""
-    num_kv_heads = keys.shape[0]
-    grouped = q[0].view(num_kv_heads, -1, q.shape[-1]).float()
-    scores = grouped @ keys.float().transpose(1, 2) * scale
-    return scores.softmax(dim=-1).mean(dim=(0, 1))

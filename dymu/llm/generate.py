@@ -19,14 +19,13 @@ from dymu.llm.config import GenerateConfig
 from dymu.llm.decoder import (
     Decoder,
     apply_rope,
-    attend_new_token,
-    attention_weights,
     finish_layer,
     load_decoder,
     next_token_logits,
     project_qkv,
     rope_tables,
 )
+from dymu.llm.grouped_cache import GroupedKVCache
 from dymu.llm.kv_cache import KVCache
 from dymu.llm.prune import Pruner, RatePredictor
 from dymu.llm.sequence import VirtualSequence
@@ -66,8 +65,18 @@ class GenerationResult:
         return 1000.0 * sum(self.decode_seconds) / max(len(self.decode_seconds), 1)
 
 
+def new_cache(decoder: Decoder, kind: str, capacity: int) -> KVCache | GroupedKVCache:
+    """An empty cache for ``decoder``: "expanded" (every entry's rotated K/V) or "grouped" (each row once)."""
+    shape = (decoder.num_layers, decoder.num_kv_heads, decoder.head_dim, capacity, decoder.device, decoder.dtype)
+    if kind == "grouped":
+        return GroupedKVCache(*shape, rope=lambda positions: rope_tables(decoder, positions))
+    if kind == "expanded":
+        return KVCache(*shape)
+    raise DymuError(f"unknown kv_cache kind {kind!r} (expected 'expanded' or 'grouped')")
+
+
 @torch.no_grad()
-def decode_step(decoder: Decoder, cache: KVCache, token: int, position: int, step: int = 0,
+def decode_step(decoder: Decoder, cache: KVCache | GroupedKVCache, token: int, position: int, step: int = 0,
                 pruner: Pruner | None = None) -> torch.Tensor:
     """Feed one token at RoPE ``position``; append its K/V to every layer; return next-token logits (V,).
 
@@ -77,15 +86,15 @@ def decode_step(decoder: Decoder, cache: KVCache, token: int, position: int, ste
     ids = torch.tensor([token], device=decoder.device)
     positions = torch.tensor([position], device=decoder.device)
     cos, sin = rope_tables(decoder, positions)
+    own_row = torch.zeros(1, dtype=torch.long, device=decoder.device)
     h = decoder.embed_tokens(ids)
     for i, layer in enumerate(decoder.layers):
         q, k, v = project_qkv(decoder, layer, h)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.append(i, k, v, positions, False)
-        scale = layer.self_attn.scaling
-        out = attend_new_token(q, cache.keys(i), cache.values(i), scale)
+        cache.add(i, k, v, own_row, positions, False, cos, sin)
+        q, scale = apply_rope(q, cos, sin), layer.self_attn.scaling
+        out = cache.attend(i, q, scale)
         if pruner is not None and i == pruner.layer and pruner.wants_probe(step):
-            pruner.observe(step, attention_weights(q, cache.keys(i), scale), cache)
+            pruner.observe(step, cache.attention_weights(i, q, scale), cache)
         h = finish_layer(layer, h, out)
     return next_token_logits(decoder, h)[0]
 
@@ -121,7 +130,7 @@ class Generation:
         self.eos = set(self.config.eos_token_ids if self.config.eos_token_ids is not None else self.decoder.eos_token_ids)
         prune = self.config.prune
         self.pruner = Pruner(prune, self.decoder.num_layers, predictor) if prune.enabled else None
-        self.cache: KVCache | None = None
+        self.cache: KVCache | GroupedKVCache | None = None
         self.result = GenerationResult(
             virtual_length=self.sequence.num_positions,
             unique_rows=self.sequence.num_rows,
@@ -131,8 +140,7 @@ class Generation:
     def __iter__(self) -> Iterator[int]:
         decoder, config, result = self.decoder, self.config, self.result
         prompt_entries = self.sequence.num_positions if config.prefill == "vtu" else self.sequence.num_rows
-        cache = self.cache = KVCache(decoder.num_layers, decoder.num_kv_heads, decoder.head_dim,
-                                     prompt_entries + config.max_new_tokens, decoder.device, decoder.dtype)
+        cache = self.cache = new_cache(decoder, config.kv_cache, prompt_entries + config.max_new_tokens)
         generator = None
         if config.do_sample and config.seed is not None:
             generator = torch.Generator(device=decoder.device).manual_seed(config.seed)

@@ -22,6 +22,7 @@ import torch
 
 from dymu.errors import DymuError
 from dymu.llm.config import PruneConfig
+from dymu.llm.grouped_cache import GroupedKVCache
 from dymu.llm.kv_cache import KVCache
 
 
@@ -125,7 +126,7 @@ class Pruner:
     def wants_probe(self, step: int) -> bool:
         return step == 1 or self.config.is_decision_step(step)
 
-    def observe(self, step: int, weights: torch.Tensor, cache: KVCache) -> None:
+    def observe(self, step: int, weights: torch.Tensor, cache: KVCache | GroupedKVCache) -> None:
         """Read the probe layer's attention ``weights`` (T,) at ``step``; prune the later layers if due."""
         pruned = self.layer + 1
         kept = cache.num_visual(pruned)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dymu.errors import DymuError
 from dymu.llm.decoder import Decoder, apply_rope, finish_layer, next_token_logits, project_qkv, rope_tables
+from dymu.llm.grouped_cache import GroupedKVCache
 from dymu.llm.kv_cache import KVCache
 from dymu.llm.sequence import VirtualSequence
 
@@ -49,22 +49,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out[0].transpose(0, 1).reshape(q.shape[2], -1)
 
 
-def vtu_attention(decoder: Decoder, layer: nn.Module, h: torch.Tensor, mapping: torch.Tensor | None,
-                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's attention at full length from the rows' hidden states h (U, D).
+def vtu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mapping: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention at full length from the rows' q (U, Hq, hd), k and v (U, Hkv, hd).
 
-    Returns the per-position attention output (N, Hq * hd), before the group mean and o_proj, and the
-    rotated keys and the values (N, Hkv, hd) for the cache. ``mapping`` None means nothing is merged.
+    Expands them to the N positions with ``mapping`` (None: nothing merged), rotates q and k at each
+    position's own RoPE position (cos, sin (N, hd)), attends causally, and returns the per-position output
+    (N, Hq * hd), before the group mean and o_proj.
     """
-    q, k, v = project_qkv(decoder, layer, h)
     if mapping is not None:
         q, k, v = (t.index_select(0, mapping) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return causal_attention(q, k, v, layer.self_attn.scaling), k, v
+    return causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, scale)
 
 
 @torch.no_grad()
-def prefill(decoder: Decoder, sequence: VirtualSequence, cache: KVCache, mode: str = "vtu",
+def prefill(decoder: Decoder, sequence: VirtualSequence, cache: KVCache | GroupedKVCache, mode: str = "vtu",
             all_logits: bool = False) -> PrefillOutput:
     """Run the prompt through the decoder, filling ``cache`` (which must be empty).
 
@@ -87,8 +86,9 @@ def prefill(decoder: Decoder, sequence: VirtualSequence, cache: KVCache, mode: s
 
     h = sequence.rows
     for i, layer in enumerate(decoder.layers):
-        out, k, v = vtu_attention(decoder, layer, h, mapping, cos, sin)
-        cache.append(i, k, v, positions, sequence.visual)
+        q, k, v = project_qkv(decoder, layer, h)
+        cache.add(i, k, v, sequence.mapping, positions, sequence.visual, cos, sin)
+        out = vtu_attention(q, k, v, mapping, cos, sin, layer.self_attn.scaling)
         if merged:
             out = scatter_mean(out, sequence.mapping, counts)
         h = finish_layer(layer, h, out)
