@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from pipeline.redis_server import EmbeddedRedis
+from workers.redis_server import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from dymu.errors import DymuError
 from dymu.tokens import MergedTokens
-from pipeline.redis_server import CacheUnavailable, EmbeddedRedis, connect_redis
+from workers.redis_server import CacheUnavailable, EmbeddedRedis, connect_redis
 from tests.redis_fixture import redis_server  # noqa: F401  (fixture)
 from workers.token_cache import (
     KEY_PREFIX,
@@ -339,7 +339,7 @@ def test_embedded_redis_reports_a_missing_binary(tmp_path):
 def test_embedded_redis_retries_when_another_server_took_its_port(monkeypatch):
     with EmbeddedRedis(maxmemory="32mb") as squatter:
         free_ports = iter([squatter.port, _unused_port()])
-        monkeypatch.setattr("pipeline.redis_server._free_loopback_port", lambda: next(free_ports))
+        monkeypatch.setattr("workers.redis_server._free_loopback_port", lambda: next(free_ports))
         with EmbeddedRedis(maxmemory="32mb") as server:
             assert server.port != squatter.port
             assert connect_redis(server.url).info("server")["process_id"] == server._process.pid
@@ -351,7 +351,7 @@ def test_embedded_redis_is_not_fooled_by_another_server_on_its_port(monkeypatch,
     fake_server.write_text("#!/bin/sh\nsleep 0.2\nexit 3\n")
     fake_server.chmod(0o755)
     with EmbeddedRedis(maxmemory="32mb") as squatter:
-        monkeypatch.setattr("pipeline.redis_server._free_loopback_port", lambda: squatter.port)
+        monkeypatch.setattr("workers.redis_server._free_loopback_port", lambda: squatter.port)
         with pytest.raises(CacheUnavailable, match="exited with code 3"):
             EmbeddedRedis(binary=fake_server).start()
 

@@ -31,7 +31,7 @@ import redis
 
 from dymu.errors import DymuError
 from dymu.tokens import SCHEMA_VERSION, InvalidTokens, MergedTokens
-from pipeline.redis_server import CacheUnavailable, connect_redis, redact_url
+from workers.redis_server import CacheUnavailable, connect_redis, redact_url
 
 logger = logging.getLogger(__name__)
 
