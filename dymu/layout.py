@@ -75,20 +75,6 @@ def identity_map(num_inputs: int) -> PositionMap:
     )
 
 
-def repeat_per_frame(frame_map: PositionMap, num_frames: int, trailing_inserted: int = 0) -> PositionMap:
-    """The same per-frame map applied to ``num_frames`` consecutive frames, then learned rows at the end."""
-    offsets = (torch.arange(num_frames) * frame_map.num_inputs).view(-1, 1, 1)
-    index = (frame_map.index.unsqueeze(0) + offsets).flatten(0, 1)
-    weight = frame_map.weight.repeat(num_frames, 1)
-    inserted = frame_map.inserted.repeat(num_frames)
-    if trailing_inserted:
-        k = index.shape[1]
-        index = torch.cat([index, torch.zeros(trailing_inserted, k, dtype=index.dtype)])
-        weight = torch.cat([weight, torch.zeros(trailing_inserted, k)])
-        inserted = torch.cat([inserted, torch.ones(trailing_inserted, dtype=torch.bool)])
-    return PositionMap(index=index, weight=weight, inserted=inserted, num_inputs=frame_map.num_inputs * num_frames)
-
-
 def compose(
     tokens: MergedTokens,
     position_map: PositionMap,
@@ -147,6 +133,24 @@ def compose(
         sizes=torch.bincount(mapping, minlength=unique_keys.shape[0]),
         mapping=mapping,
         positions_per_frame=positions_per_frame,
+        timestamps=list(tokens.timestamps),
+        config_hash=tokens.config_hash,
+        meta=dict(tokens.meta),
+    )
+
+
+def append_learned_row(tokens: MergedTokens, row: torch.Tensor) -> MergedTokens:
+    """``tokens`` followed by one more position played by a learned ``row`` (e.g. the video's newline),
+    counted with the last frame."""
+    embeds = torch.cat([tokens.embeds, row.to(tokens.embeds).unsqueeze(0)])
+    mapping = torch.cat([tokens.mapping, torch.tensor([tokens.num_unique], device=tokens.mapping.device)])
+    positions = list(tokens.positions_per_frame)
+    positions[-1] += 1
+    return MergedTokens(
+        embeds=embeds,
+        sizes=torch.cat([tokens.sizes, torch.ones(1, dtype=tokens.sizes.dtype, device=tokens.sizes.device)]),
+        mapping=mapping,
+        positions_per_frame=positions,
         timestamps=list(tokens.timestamps),
         config_hash=tokens.config_hash,
         meta=dict(tokens.meta),

@@ -62,6 +62,8 @@ class TinySizes:
     text_heads: int = 4
     text_kv_heads: int = 2
     vocab_size: int = 512
+    vision_mlp: int | None = None  # MLP widths; None = 4x the model width
+    text_mlp: int | None = None
 
 
 def _build_tokenizer(special_tokens: list[str], vocab_size: int, **named_special: str):
@@ -99,7 +101,7 @@ def _ov_parts(sizes: TinySizes):
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
             hidden_size=sizes.vision_width,
-            intermediate_size=4 * sizes.vision_width,
+            intermediate_size=sizes.vision_mlp or 4 * sizes.vision_width,
             num_hidden_layers=sizes.vision_layers,
             num_attention_heads=sizes.vision_heads,
             image_size=384,
@@ -108,7 +110,7 @@ def _ov_parts(sizes: TinySizes):
         ).to_dict(),
         text_config=Qwen2Config(
             hidden_size=sizes.text_width,
-            intermediate_size=4 * sizes.text_width,
+            intermediate_size=sizes.text_mlp or 4 * sizes.text_width,
             num_hidden_layers=sizes.text_layers,
             num_attention_heads=sizes.text_heads,
             num_key_value_heads=sizes.text_kv_heads,
@@ -144,7 +146,7 @@ def _llava_parts(sizes: TinySizes):
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=sizes.vision_width,
-            intermediate_size=4 * sizes.vision_width,
+            intermediate_size=sizes.vision_mlp or 4 * sizes.vision_width,
             num_hidden_layers=sizes.vision_layers,
             num_attention_heads=sizes.vision_heads,
             projection_dim=sizes.vision_width,
@@ -153,7 +155,7 @@ def _llava_parts(sizes: TinySizes):
         ).to_dict(),
         text_config=LlamaConfig(
             hidden_size=sizes.text_width,
-            intermediate_size=4 * sizes.text_width,
+            intermediate_size=sizes.text_mlp or 4 * sizes.text_width,
             num_hidden_layers=sizes.text_layers,
             num_attention_heads=sizes.text_heads,
             num_key_value_heads=sizes.text_kv_heads,

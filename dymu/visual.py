@@ -1,5 +1,5 @@
-"""From pixels to the LLM's merged visual tokens: DToMe per frame, temporal merging, then the projector and
-the model's own layout (see ``dymu.layout``).
+"""From pixels to the LLM's merged visual tokens: DToMe per frame, the projector and the model's own
+layout (see ``dymu.layout``), then temporal merging across frames.
 
 ``VisualTokenizer.encode_frames`` / ``encode_image`` return a ``MergedTokens`` in the LLM's hidden size
 whose mapping covers exactly the positions the unmodified model would give the LLM. Its ``meta["stages"]``
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from dymu.families.base import VLMFamily
-from dymu.layout import PositionMap, compose
-from dymu.temporal import merge_frames
+from dymu.layout import append_learned_row, compose
+from dymu.temporal import concatenate_frames, merge_frames
 from dymu.tokens import MergedTokens
 from dymu.vision.encoder import DToMeEncoder, layers_to_run
 from dymu.vision.runner import MergedImage
@@ -63,15 +63,44 @@ class VisualTokenizer:
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray, timestamps: Sequence[float] = ()) -> MergedTokens:
-        """Frames (T, H, W, 3) uint8 of one video -> merged tokens of the whole video."""
-        pixels = self.family.frame_pixels(frames)
-        return self._encode(pixels, self.family.video_map(len(pixels)), timestamps, merge_across=True)
+        """Frames (T, H, W, 3) uint8 of one video -> merged tokens of the whole video.
+
+        Each frame is merged by DToMe and laid out (projector, pooling) on its own; temporal merging then
+        runs on those LLM-side rows, so a static region keeps one row for all frames even where DToMe grouped
+        its patches a little differently from frame to frame. The model's newline ends the video.
+        """
+        started = time.perf_counter()
+        images = self.encode_pixels(self.family.frame_pixels(frames))
+        _synchronize(self.device)
+        encoded = time.perf_counter()
+        frame_map = self.family.frame_map()
+        per_frame = [compose(image.to_tokens(), frame_map, self.family.project) for image in images]
+        tokens = merge_frames(per_frame, self.temporal_threshold)
+        stages = {
+            "layout_rows_per_frame": [frame.num_unique for frame in per_frame],
+            "temporal_rows_per_frame": tokens.rows_per_frame(),
+        }
+        if self.family.newline is not None:
+            tokens = append_learned_row(tokens, self.family.newline)
+        tokens.timestamps = [float(t) for t in timestamps]
+        _synchronize(self.device)
+        return self._finish(tokens, images, stages, started, encoded)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> MergedTokens:
         """One image (its crops, for AnyRes models) -> merged tokens in the model's image layout."""
+        started = time.perf_counter()
         pixels, position_map = self.family.image_pixels(image)
-        return self._encode(pixels, position_map, (), merge_across=False)
+        images = self.encode_pixels(pixels)
+        _synchronize(self.device)
+        encoded = time.perf_counter()
+        # The crops of one image are laid out together (packing mixes them); no temporal merging.
+        tokens = compose(concatenate_frames([i.to_tokens() for i in images]), position_map, self.family.project,
+                         self.family.newline)
+        tokens.positions_per_frame = [tokens.num_positions]
+        _synchronize(self.device)
+        stages = {"layout_rows_per_frame": [tokens.num_unique], "temporal_rows_per_frame": [tokens.num_unique]}
+        return self._finish(tokens, images, stages, started, encoded)
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[MergedImage]:
         """DToMe (or the stock encoder when ``taus`` is None) on (T, 3, H, W) pixels, in batches."""
@@ -92,33 +121,23 @@ class VisualTokenizer:
         ids = torch.arange(n, device=features.device)
         return [MergedImage(f, torch.ones_like(ids), ids) for f in features]
 
-    def _encode(
-        self, pixels: torch.Tensor, position_map: PositionMap, timestamps: Sequence[float], merge_across: bool
-    ) -> MergedTokens:
-        started = time.perf_counter()
-        images = self.encode_pixels(pixels)
-        per_frame = [image.to_tokens() for image in images]
-        threshold = self.temporal_threshold if merge_across else 1.0
-        merged = merge_frames(per_frame, threshold)
-        _synchronize(self.device)
-        encoded = time.perf_counter()
-        tokens = compose(merged, position_map, self.family.project, self.family.newline)
-        tokens.timestamps = [float(t) for t in timestamps]
-        _synchronize(self.device)
+    def _finish(self, tokens: MergedTokens, images: list[MergedImage], stages: dict, started: float,
+                encoded: float) -> MergedTokens:
         tokens.meta = {
-            "frames": len(images),
+            "frames": len(tokens.positions_per_frame),
             "stages": {
                 "encoder_tokens_per_frame": self.encoder.num_positions,
                 "dtome_tokens_per_frame": [image.num_tokens for image in images],
-                "temporal_rows_per_frame": merged.rows_per_frame(),
+                **stages,
                 "llm_positions": tokens.num_positions,
                 "llm_rows": tokens.num_unique,
             },
             "seconds": {"encode": encoded - started, "layout": time.perf_counter() - encoded},
         }
         log.info(
-            "encoded %d frames: %d -> %d tokens (DToMe) -> %d rows (temporal) -> %d LLM rows for %d positions",
-            len(images), self.encoder.num_positions * len(images), sum(i.num_tokens for i in images),
-            merged.num_unique, tokens.num_unique, tokens.num_positions,
+            "%d frames: %d encoder tokens -> %d after DToMe -> %d LLM rows (%d after temporal merging) "
+            "for %d positions", len(images), self.encoder.num_positions * len(images),
+            sum(i.num_tokens for i in images), sum(stages["layout_rows_per_frame"]), tokens.num_unique,
+            tokens.num_positions,
         )
         return tokens

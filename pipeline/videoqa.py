@@ -151,6 +151,7 @@ def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dic
         "tokens": {
             "encoder_per_frame": stages["encoder_tokens_per_frame"],
             "dtome_per_frame": dtome,
+            "llm_rows_per_frame": stages["layout_rows_per_frame"],
             "temporal_new_per_frame": temporal,
             "llm_visual_positions": stages["llm_positions"],
             "llm_visual_rows": stages["llm_rows"],
@@ -179,6 +180,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['kind']}: {frames} frame(s) sampled, preset {report['preset']}",
         f"visual tokens: {encoder_total} from the encoder ({t['encoder_per_frame']}/frame)"
         f" -> {sum(dtome)} after DToMe ({sum(dtome) / frames:.0f}/frame)"
+        f" -> {sum(t['llm_rows_per_frame'])} LLM rows after projector and pooling"
         f" -> {sum(temporal)} after temporal merging",
         f"LLM: {llm['virtual_length']} virtual positions, {llm['rows_fed']} rows fed"
         f" ({t['llm_visual_rows']} visual rows for {t['llm_visual_positions']} visual positions);"

@@ -90,8 +90,8 @@ def test_ask_cli_json(tiny_ov, videos, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frames"] == 4 and len(report["tokens"]["dtome_per_frame"]) == 4
-    # Temporal merging off: every frame's DToMe tokens stay rows of their own.
-    assert report["tokens"]["temporal_new_per_frame"] == report["tokens"]["dtome_per_frame"]
+    # Temporal merging off: every frame's LLM rows stay rows of their own.
+    assert report["tokens"]["temporal_new_per_frame"] == report["tokens"]["llm_rows_per_frame"]
     assert report["llm"]["visual_kv_trace"] == []  # pruning off
     assert report["llm"]["answer_tokens"] == 6 or report["llm"]["stop_reason"] == "eos"
 

@@ -71,7 +71,7 @@ class LlavaFamily:
         pixels = self.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
         return pixels, identity_map(self.num_patches)
 
-    def video_map(self, num_frames: int) -> PositionMap:
+    def frame_map(self) -> PositionMap:
         raise DymuError("LLaVA-1.5 answers about images only; use a LLaVA-OneVision model for video")
 
     def prompt(self, question: str, kind: str) -> Prompt:

@@ -17,7 +17,7 @@ from dymu.families.base import (
     read_config_file,
     split_prompt,
 )
-from dymu.layout import PositionMap, probe_position_map, repeat_per_frame
+from dymu.layout import PositionMap, probe_position_map
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ class OneVisionFamily:
         height, width = (int(v) for v in out["image_sizes"][0])
         return pixels, self._image_map(pixels.shape[0], height, width)
 
-    def video_map(self, num_frames: int) -> PositionMap:
-        return repeat_per_frame(self._frame_map(), num_frames, trailing_inserted=1)
+    def frame_map(self) -> PositionMap:
+        """One video frame's map: its 27x27 grid pooled to 14x14 (the newline comes once, after all frames)."""
+        return self._frame_map()
 
     def prompt(self, question: str, kind: str) -> Prompt:
         token_id = self.config.video_token_index if kind == "video" else self.config.image_token_index
