@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "pipeline.commands.make_tiny_model",
     "pipeline.commands.calibrate",
     "pipeline.commands.tokens",
+    "pipeline.commands.fit_rate",
 ]
 
 

@@ -17,8 +17,10 @@ from dymu.llm import (
     Pruner,
     generate,
 )
+from dymu.errors import DymuError
 from dymu.llm.generate import Generation
 from dymu.llm.prune import attention_stats, entries_to_keep
+from dymu.llm.rate_model import AttentionTrace, LearnedRate, keep_targets, record_trace
 from tests.llm_models import merged_prompt, single_thread, tiny_decoder  # noqa: F401 (fixture)
 
 
@@ -148,3 +150,51 @@ def test_attention_stats_and_entry_selection():
     flags = torch.tensor([False, True, True, False, True])
     assert entries_to_keep(flags, scores, 1).tolist() == [0, 1, 3]
     assert entries_to_keep(flags, scores, 0).tolist() == [0, 3]
+
+
+def test_keep_targets_cover_the_coming_steps():
+    trace = AttentionTrace(
+        stats=[AttentionStats(1, 1.0, 1.0, 0.0, 4, 4), AttentionStats(2, 1.0, 1.0, 0.0, 4, 4)],
+        visual_weights=[torch.tensor([0.7, 0.2, 0.05, 0.05]), torch.tensor([0.05, 0.05, 0.2, 0.7])],
+    )
+    now_only = [target for _, target in keep_targets(trace, coverage=0.9, horizon=0)]
+    assert now_only == [0.5, 0.5]
+    # Ranked by step 1's attention, keeping 90% of step 2's needs every entry.
+    with_future = [target for _, target in keep_targets(trace, coverage=0.9, horizon=1)]
+    assert with_future == [1.0, 0.5]
+
+
+def test_record_fit_save_and_use_a_learned_predictor(tmp_path):
+    model = tiny_decoder("qwen2", layers=3)
+    sequence = merged_prompt(model, groups=10, group_size=4)
+    trace = record_trace(model, sequence, layer=0, max_new_tokens=30)
+    assert len(trace.stats) == 29 and trace.visual_weights[0].shape == (40,)
+    assert trace.visual_weights[5].sum().item() == pytest.approx(trace.stats[5].visual_mass, rel=1e-5)
+    trace.save(tmp_path / "a.trace")
+    assert AttentionTrace.load(tmp_path / "a.trace").stats == trace.stats
+
+    predictor = LearnedRate(hidden=8)
+    samples = [(AttentionStats(s, m, 0.8, 2.0, 100, 100), min(1.0, m / 0.8)) for s in range(1, 60, 3)
+               for m in (0.2, 0.4, 0.6, 0.8)]
+    assert predictor.fit(samples, epochs=300) < 0.005
+    assert predictor.keep_fraction(AttentionStats(20, 0.4, 0.8, 2.0, 100, 100)) == pytest.approx(0.5, abs=0.1)
+    predictor.save(tmp_path / "rate.safetensors")
+    loaded = LearnedRate.load(tmp_path / "rate.safetensors")
+    assert loaded.keep_fraction(samples[0][0]) == predictor.keep_fraction(samples[0][0])
+    with pytest.raises(DymuError, match="not a dymu-rate-predictor"):
+        LearnedRate.load(tmp_path / "a.trace")
+
+    prune = PruneConfig(enabled=True, layer=0, start_step=4, interval=4, predictor=str(tmp_path / "rate.safetensors"))
+    result = generate(model, sequence, GenerateConfig(max_new_tokens=20, prune=prune))
+    assert len(result.tokens) == 20 and result.kept_trace[0] == (1, 40)
+
+
+def test_fit_rate_command(tmp_path):
+    from pipeline.cli import main
+
+    model = tiny_decoder("llama", layers=3)
+    record_trace(model, merged_prompt(model), layer=1, max_new_tokens=40).save(tmp_path / "t.trace")
+    out = tmp_path / "rate.safetensors"
+    assert main(["fit-rate", str(tmp_path / "t.trace"), "--out", str(out), "--epochs", "50"]) == 0
+    assert isinstance(LearnedRate.load(out), LearnedRate)
+    assert main(["fit-rate", str(tmp_path / "missing.trace"), "--out", str(out)]) == 2

@@ -25,6 +25,7 @@ class PruneConfig:
         harder for the same fall in visual attention.
     entropy_weight: in [0, 1]; blends in how spread the visual attention is (the effective fraction of entries
         that receive attention, exp(entropy) / count), so peaked attention prunes harder. 0 ignores it.
+    predictor: path of a fitted learned predictor (`dymu-video fit-rate`); None = the training-free rule.
     """
 
     enabled: bool = False
@@ -34,6 +35,7 @@ class PruneConfig:
     min_keep: float = 0.1
     sharpness: float = 1.0
     entropy_weight: float = 0.0
+    predictor: str | None = None
 
     def __post_init__(self) -> None:
         if self.layer < 0:

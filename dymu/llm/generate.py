@@ -27,7 +27,7 @@ from dymu.llm.decoder import (
 )
 from dymu.llm.grouped_cache import GroupedKVCache
 from dymu.llm.kv_cache import KVCache
-from dymu.llm.prune import Pruner, RatePredictor
+from dymu.llm.prune import Probe, Pruner, RatePredictor
 from dymu.llm.sequence import VirtualSequence
 from dymu.llm.vtu import check_sequence, prefill
 
@@ -77,11 +77,11 @@ def new_cache(decoder: Decoder, kind: str, capacity: int) -> KVCache | GroupedKV
 
 @torch.no_grad()
 def decode_step(decoder: Decoder, cache: KVCache | GroupedKVCache, token: int, position: int, step: int = 0,
-                pruner: Pruner | None = None) -> torch.Tensor:
+                probe: Probe | None = None) -> torch.Tensor:
     """Feed one token at RoPE ``position``; append its K/V to every layer; return next-token logits (V,).
 
-    With a pruner, the probe layer's attention is read on the steps it asks for; its output is computed
-    exactly as without a pruner, so keeping everything changes nothing.
+    With a probe (a ``Pruner``), the attention at its layer is read on the steps it asks for; the layer's
+    output is computed exactly as without a probe, so a pruner that keeps everything changes nothing.
     """
     ids = torch.tensor([token], device=decoder.device)
     positions = torch.tensor([position], device=decoder.device)
@@ -93,8 +93,8 @@ def decode_step(decoder: Decoder, cache: KVCache | GroupedKVCache, token: int, p
         cache.add(i, k, v, own_row, positions, False, cos, sin)
         q, scale = apply_rope(q, cos, sin), layer.self_attn.scaling
         out = cache.attend(i, q, scale)
-        if pruner is not None and i == pruner.layer and pruner.wants_probe(step):
-            pruner.observe(step, cache.attention_weights(i, q, scale), cache)
+        if probe is not None and i == probe.layer and probe.wants_probe(step):
+            probe.observe(step, cache.attention_weights(i, q, scale), cache)
         h = finish_layer(layer, h, out)
     return next_token_logits(decoder, h)[0]
 
@@ -129,6 +129,10 @@ class Generation:
         self.tokenizer = tokenizer
         self.eos = set(self.config.eos_token_ids if self.config.eos_token_ids is not None else self.decoder.eos_token_ids)
         prune = self.config.prune
+        if prune.enabled and predictor is None and prune.predictor:
+            from dymu.llm.rate_model import LearnedRate  # it imports this module
+
+            predictor = LearnedRate.load(prune.predictor)
         self.pruner = Pruner(prune, self.decoder.num_layers, predictor) if prune.enabled else None
         self.cache: KVCache | GroupedKVCache | None = None
         self.result = GenerationResult(

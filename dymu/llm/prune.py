@@ -59,6 +59,16 @@ class RatePredictor(Protocol):
     def keep_fraction(self, stats: AttentionStats) -> float: ...
 
 
+class Probe(Protocol):
+    """What ``decode_step`` calls at layer ``layer`` on the steps it wants: a ``Pruner``, or a recorder."""
+
+    layer: int
+
+    def wants_probe(self, step: int) -> bool: ...
+
+    def observe(self, step: int, weights: torch.Tensor, cache: KVCache | GroupedKVCache) -> None: ...
+
+
 @dataclass
 class AttentionFallRule:
     """Training-free: keep ``mass_ratio ** sharpness``, geometrically blended with ``spread`` by
