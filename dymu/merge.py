@@ -1,19 +1,22 @@
-"""DToMe's merge step as pure functions over a padded batch of tokens.
+"""DToMe's merge step as pure functions over a batch of images whose token counts differ.
 
-A batch of B images is held padded to a common length T:
+A batch is held packed: the real rows of all images, image after image, with no padding, so that the
+row-wise work of a ViT layer (norms, projections, MLP) is spent on real tokens only. Only attention and the
+matching need a padded (B, T, ...) view, which ``TokenState.to_padded`` makes (and which is a free reshape
+while every image has the same count).
 
-    x        (B, T, D)  the tokens;
-    sizes    (B, T)     how many original positions each row stands for; 0 marks a padding row;
-    mapping  (B, N)     for every original position, the row that currently stands for it.
+    x        (M, D)  the rows;
+    sizes    (M,)    how many original positions each row stands for;
+    lengths  B ints  rows per image;
+    mapping  (B, N)  for every original position, the row (within its image) that stands for it.
 
-Real rows always come first and keep the relative order of the positions they started from, so a
-protected prefix (CLIP's CLS token) stays at the front and the alternate A/B split of a row depends only on
-its own image, never on how much padding the batch needed.
+Rows keep the relative order of the positions they started from, so a protected prefix (CLIP's CLS token)
+stays in front and the alternate A/B split of a row depends only on its own image.
 
 One merge step (per ViT layer, after the attention residual): the layer's keys, averaged over heads, are
 the similarity metric. Even rows form set A, odd rows set B; each A row gets one edge to its most similar B
 row (cosine). A policy picks which edges merge: a threshold (``scores > tau``, inference) or the batch's top
-edges (calibration). Merged rows become the size-weighted mean of their members and their sizes add up.
+edges (calibration). A merged row is the size-weighted mean of its members and its size is their sum.
 """
 from __future__ import annotations
 
@@ -26,16 +29,40 @@ from torch import Tensor
 
 @dataclass
 class TokenState:
-    """Padded tokens of a batch with their sizes and the position -> row mapping (see module docstring)."""
+    """Packed rows of a batch, with sizes, per-image counts and the position -> row mapping."""
 
     x: Tensor
     sizes: Tensor
+    lengths: list[int]
     mapping: Tensor
 
     @property
-    def num_rows(self) -> Tensor:
-        """(B,) real rows per image."""
-        return (self.sizes > 0).sum(dim=1)
+    def uniform(self) -> bool:
+        """Every image has the same number of rows, so the padded view is a plain reshape."""
+        return len(set(self.lengths)) == 1
+
+    def row_mask(self) -> Tensor:
+        """(B, T) True where the padded view holds a real row."""
+        slots = torch.arange(max(self.lengths), device=self.x.device)
+        return slots < torch.tensor(self.lengths, device=self.x.device)[:, None]
+
+    def to_padded(self, rows: Tensor) -> Tensor:
+        """(M, ...) rows -> (B, T, ...) with zeros after each image's last row."""
+        shape = (len(self.lengths), max(self.lengths), *rows.shape[1:])
+        if self.uniform:
+            return rows.view(shape)
+        padded = rows.new_zeros(shape)
+        padded[self.row_mask()] = rows
+        return padded
+
+    def to_packed(self, padded: Tensor) -> Tensor:
+        """(B, T, ...) -> (M, ...), dropping the padding."""
+        return padded.flatten(0, 1) if self.uniform else padded[self.row_mask()]
+
+    def offsets(self) -> Tensor:
+        """(B,) index of each image's first row."""
+        lengths = torch.tensor(self.lengths, device=self.x.device)
+        return lengths.cumsum(0) - lengths
 
 
 @dataclass
@@ -51,26 +78,31 @@ class Edges:
 
 
 def initial_state(x: Tensor) -> TokenState:
-    """Every token stands for its own position."""
-    batch, length, _ = x.shape
-    sizes = torch.ones(batch, length, device=x.device, dtype=torch.float32)
-    mapping = torch.arange(length, device=x.device).expand(batch, length).contiguous()
-    return TokenState(x=x, sizes=sizes, mapping=mapping)
+    """Every token of ``x`` (B, T, D) stands for its own position."""
+    batch, length, dim = x.shape
+    return TokenState(
+        x=x.reshape(batch * length, dim),
+        sizes=torch.ones(batch * length, device=x.device, dtype=torch.float32),
+        lengths=[length] * batch,
+        mapping=torch.arange(length, device=x.device).expand(batch, length).contiguous(),
+    )
 
 
 def attention_bias(sizes: Tensor, dtype: torch.dtype) -> Tensor:
-    """Proportional attention as an additive SDPA mask (B, 1, 1, T): log(size) on each key.
+    """Proportional attention as an additive SDPA mask (B, 1, 1, T) from padded sizes (B, T).
 
-    A merged key then weighs as much as the keys it replaced; padding (size 0) gets log 0 = -inf.
+    log(size) on each key makes a merged key weigh as much as the keys it replaced; padding (size 0)
+    gets log 0 = -inf.
     """
     return sizes.log().to(dtype)[:, None, None, :]
 
 
 def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Edges:
-    """Each A row's best edge to a B row, by cosine of ``metric`` (B, T, C).
+    """Each A row's best edge to a B row, by cosine of the padded ``metric`` (B, T, C).
 
-    Padding rows and the first ``num_protected`` rows take no part. At most half of the rows that may merge
-    get a finite score (the best-scoring ones), so no layer more than halves an image.
+    ``sizes`` (B, T) marks padding with 0. Padding rows and the first ``num_protected`` rows take no part.
+    At most half of the rows that may merge get a finite score (the best-scoring ones), so no layer more
+    than halves an image.
     """
     batch, length, _ = metric.shape
     position = torch.arange(length, device=metric.device)
@@ -82,11 +114,10 @@ def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Ed
 
     metric = F.normalize(metric.float(), dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-    # Rounding can push the cosine of identical keys just over 1; tau = 1.0 must still mean "never merge".
-    similarity.clamp_(max=1.0)
     similarity.masked_fill_(~open_b[:, None, :], float("-inf"))
     scores, targets = similarity.max(dim=-1)
-    scores = scores.masked_fill(~open_a, float("-inf"))
+    # Rounding can push the cosine of identical keys just over 1; tau = 1.0 must still mean "never merge".
+    scores = scores.clamp(max=1.0).masked_fill(~open_a, float("-inf"))
 
     # Rank the edges of each image to enforce the cap; there are at most ~T/2 of them, so this is cheap.
     cap = mergeable.sum(dim=1, keepdim=True) // 2
@@ -117,44 +148,35 @@ def batch_top_merges(edges: Edges, num_merges: int) -> tuple[Tensor, float | Non
 
 
 def merge_tokens(state: TokenState, edges: Edges, merge: Tensor) -> TokenState:
-    """Merge each chosen A row into its B row (size-weighted mean) and compact the batch.
+    """Merge each chosen A row into its B row (size-weighted mean) and drop it.
 
-    Rows that absorb nothing are copied bit for bit. The new length is the longest image's row count;
-    shorter images are padded with size-0 rows. The mapping follows: positions of a merged A row now point
-    at the row that absorbed it.
+    Work is one gather of the surviving rows plus arithmetic on the merged rows only; rows that absorb
+    nothing are copied bit for bit. The mapping follows: positions of a merged A row now point at the row
+    that absorbed it.
     """
-    x, sizes = state.x, state.sizes
-    batch, length, dim = x.shape
-    size_a, size_b = sizes[:, ::2], sizes[:, 1::2]
-    moved = size_a * merge
-
-    # Weighted sums in float32: bf16 would lose the small contributions of large groups.
-    new_size_b = size_b.scatter_add(1, edges.targets, moved)
-    sum_b = (x[:, 1::2].float() * size_b[..., None]).scatter_add(
-        1, edges.targets[..., None].expand(-1, -1, dim), x[:, ::2].float() * moved[..., None]
-    )
-    grew = new_size_b > size_b
-    mean_b = (sum_b / new_size_b.clamp_min(1.0)[..., None]).to(x.dtype)
-    merged_x = x.clone()
-    merged_x[:, 1::2] = torch.where(grew[..., None], mean_b, x[:, 1::2])
-    merged_sizes = sizes.clone()
-    merged_sizes[:, 1::2] = new_size_b
-    merged_sizes[:, ::2] = size_a.masked_fill(merge, 0.0)
-
-    keep = merged_sizes > 0
-    new_row = keep.cumsum(dim=1) - 1
+    real = state.row_mask()
+    keep = real.clone()
+    keep[:, ::2] &= ~merge
+    new_row = keep.cumsum(dim=1) - 1  # row within its image after merging
     destination = new_row.clone()
     destination[:, ::2] = torch.where(merge, new_row[:, 1::2].gather(1, edges.targets), new_row[:, ::2])
     mapping = destination.gather(1, state.mapping)
 
-    new_length = int(keep.sum(dim=1).max())
-    flat_index = (torch.arange(batch, device=x.device)[:, None] * new_length + new_row)[keep]
-    compact_x = x.new_zeros(batch * new_length, dim)
-    compact_x[flat_index] = merged_x[keep]
-    compact_sizes = sizes.new_zeros(batch * new_length)
-    compact_sizes[flat_index] = merged_sizes[keep]
-    return TokenState(
-        x=compact_x.view(batch, new_length, dim),
-        sizes=compact_sizes.view(batch, new_length),
-        mapping=mapping,
+    kept = keep[real]
+    merged = TokenState(
+        x=state.x[kept], sizes=state.sizes[kept], lengths=keep.sum(dim=1).tolist(), mapping=mapping
     )
+    image, a = merge.nonzero(as_tuple=True)
+    source = state.offsets()[image] + 2 * a
+    target = merged.offsets()[image] + new_row[image, 2 * edges.targets[image, a] + 1]
+    rows, slot = target.unique(return_inverse=True)
+
+    # Weighted sums in float32: bf16 would lose the small contributions of large groups.
+    moved = state.sizes[source]
+    total = merged.sizes[rows].index_add(0, slot, moved)
+    weighted = (merged.x[rows].float() * merged.sizes[rows, None]).index_add_(
+        0, slot, state.x[source].float() * moved[:, None]
+    )
+    merged.x[rows] = (weighted / total[:, None]).to(merged.x.dtype)
+    merged.sizes[rows] = total
+    return merged

@@ -19,9 +19,9 @@ from dymu.merge import (
 )
 
 
-def _state(x: torch.Tensor, sizes: torch.Tensor) -> TokenState:
-    batch, length, _ = x.shape
-    return TokenState(x=x, sizes=sizes, mapping=torch.arange(length).expand(batch, length).contiguous())
+def _state(rows: list[torch.Tensor], sizes: list[torch.Tensor], mapping: torch.Tensor) -> TokenState:
+    """A packed state from per-image rows and sizes."""
+    return TokenState(x=torch.cat(rows), sizes=torch.cat(sizes), lengths=[len(r) for r in rows], mapping=mapping)
 
 
 def _reference_merge(x, sizes, mapping, targets, merge):
@@ -45,10 +45,22 @@ def _reference_merge(x, sizes, mapping, targets, merge):
 
 
 def test_initial_state_is_identity():
-    state = initial_state(torch.randn(2, 5, 3))
-    assert torch.equal(state.sizes, torch.ones(2, 5))
+    x = torch.randn(2, 5, 3)
+    state = initial_state(x)
+    assert torch.equal(state.x, x.reshape(10, 3)) and state.lengths == [5, 5]
+    assert torch.equal(state.sizes, torch.ones(10))
     assert torch.equal(state.mapping, torch.arange(5).expand(2, 5))
-    assert state.num_rows.tolist() == [5, 5]
+    assert torch.equal(state.to_padded(state.x), x)
+
+
+def test_padded_and_packed_views():
+    state = _state([torch.ones(3, 2), 2 * torch.ones(1, 2)], [torch.ones(3), torch.ones(1)], torch.zeros(2, 4))
+    padded = state.to_padded(state.x)
+    assert padded.shape == (2, 3, 2)
+    assert padded[:, :, 0].tolist() == [[1, 1, 1], [2, 0, 0]]
+    assert torch.equal(state.to_packed(padded), state.x)
+    assert state.to_padded(state.sizes).tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert state.offsets().tolist() == [0, 3]
 
 
 def test_edges_pick_the_most_similar_odd_row():
@@ -107,54 +119,52 @@ def test_batch_top_merges_takes_the_best_edges_of_the_whole_batch():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_merge_matches_a_reference_implementation(seed):
     gen = torch.Generator().manual_seed(seed)
-    batch, length, dim = 3, 11, 5
-    x = torch.randn(batch, length, dim, generator=gen)
-    sizes = torch.randint(1, 4, (batch, length), generator=gen).float()
-    sizes[2, 8:] = 0  # image 2 is shorter: padded
-    x[2, 8:] = 0
-    state = _state(x, sizes)
-    state.mapping = torch.randint(0, 8, (batch, 20), generator=gen)  # positions pointing at real rows
-    edges = bipartite_edges(torch.randn(batch, length, 4, generator=gen), sizes)
+    lengths, dim = [11, 11, 8], 5
+    rows = [torch.randn(n, dim, generator=gen) for n in lengths]
+    sizes = [torch.randint(1, 4, (n,), generator=gen).float() for n in lengths]
+    mapping = torch.stack([torch.randint(0, n, (20,), generator=gen) for n in lengths])
+    state = _state(rows, sizes, mapping)
+    edges = bipartite_edges(torch.randn(3, 11, 4, generator=gen), state.to_padded(state.sizes))
     merge = threshold_merges(edges, 0.0)
     assert merge.any()
 
     merged = merge_tokens(state, edges, merge)
-    for b in range(batch):
-        feats, new_sizes, new_mapping = _reference_merge(x[b], sizes[b], state.mapping[b], edges.targets[b], merge[b])
-        count = len(new_sizes)
-        assert merged.num_rows[b].item() == count
-        assert torch.allclose(merged.x[b, :count].double(), feats, atol=1e-6)
-        assert torch.equal(merged.sizes[b, :count], new_sizes.float())
-        assert torch.equal(merged.mapping[b], new_mapping)
-        assert (merged.sizes[b, count:] == 0).all() and (merged.x[b, count:] == 0).all()
-        assert merged.sizes[b].sum() == sizes[b].sum()
+    for b, (x, s, m) in enumerate(zip(merged.x.split(merged.lengths), merged.sizes.split(merged.lengths), merged.mapping)):
+        feats, new_sizes, new_mapping = _reference_merge(rows[b], sizes[b], mapping[b], edges.targets[b], merge[b])
+        assert merged.lengths[b] == len(new_sizes)
+        assert torch.allclose(x.double(), feats, atol=1e-6)
+        assert torch.equal(s, new_sizes.float())
+        assert torch.equal(m, new_mapping)
+        assert s.sum() == sizes[b].sum()
 
 
 def test_mapping_stays_a_partition_over_many_merges():
     gen = torch.Generator().manual_seed(0)
     state = initial_state(torch.randn(2, 64, 8, generator=gen))
     for _ in range(5):
-        edges = bipartite_edges(torch.randn(*state.x.shape[:2], 4, generator=gen), state.sizes)
+        metric = torch.randn(2, max(state.lengths), 4, generator=gen)
+        edges = bipartite_edges(metric, state.to_padded(state.sizes))
         state = merge_tokens(state, edges, threshold_merges(edges, 0.2))
-    for b in range(2):
-        rows = state.num_rows[b].item()
-        counts = torch.bincount(state.mapping[b], minlength=rows)
-        assert len(counts) == rows and (counts > 0).all()
-        assert torch.equal(counts.float(), state.sizes[b, :rows])
-    assert state.num_rows.max().item() < 64
+    assert len(set(state.lengths)) > 1  # the images merged by different amounts
+    for mapping, sizes in zip(state.mapping, state.sizes.split(state.lengths)):
+        counts = torch.bincount(mapping, minlength=len(sizes))
+        assert len(counts) == len(sizes) and (counts > 0).all()
+        assert torch.equal(counts.float(), sizes)
+    assert max(state.lengths) < 64
 
 
 def test_rows_that_absorb_nothing_are_copied_exactly():
-    x = torch.randn(1, 6, 4, dtype=torch.bfloat16)
-    sizes = torch.tensor([[1.0, 3.0, 1.0, 7.0, 1.0, 1.0]])
+    x = torch.randn(6, 4, dtype=torch.bfloat16)
+    sizes = torch.tensor([1.0, 3.0, 1.0, 7.0, 1.0, 1.0])
     edges = Edges(scores=torch.zeros(1, 3), targets=torch.tensor([[0, 0, 0]]))
     merge = torch.tensor([[False, True, False]])  # row 2 -> row 1
-    merged = merge_tokens(_state(x, sizes), edges, merge)
+    merged = merge_tokens(_state([x], [sizes], torch.arange(6)[None]), edges, merge)
     assert merged.x.dtype == torch.bfloat16
-    assert torch.equal(merged.x[0, [0, 2, 3, 4]], x[0, [0, 3, 4, 5]])
-    expected = (x[0, 1].float() * 3 + x[0, 2].float()) / 4
-    assert torch.allclose(merged.x[0, 1].float(), expected, atol=1e-2)
-    assert merged.sizes[0].tolist() == [1.0, 4.0, 7.0, 1.0, 1.0]
+    assert torch.equal(merged.x[[0, 2, 3, 4]], x[[0, 3, 4, 5]])
+    expected = (x[1].float() * 3 + x[2].float()) / 4
+    assert torch.allclose(merged.x[1].float(), expected, atol=1e-2)
+    assert merged.sizes.tolist() == [1.0, 4.0, 7.0, 1.0, 1.0]
+    assert merged.mapping.tolist() == [[0, 1, 1, 2, 3, 4]]
 
 
 def test_proportional_attention_equals_attention_over_the_unmerged_copies():

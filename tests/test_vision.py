@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dymu.errors import DymuError
-from dymu.vision import DToMeEncoder, frames_to_tokens, layers_to_run
+from dymu.vision import DToMeEncoder, frames_to_tokens, layers_to_run, runner
 from dymu.vision.load import VisionModel, load_vision_model
 from tests import media
 
@@ -119,7 +119,9 @@ def test_flat_images_get_far_fewer_tokens_than_textured_ones(vision):
     assert flat.num_tokens * 4 < noise.num_tokens
 
 
-def test_batched_and_single_runs_agree(vision):
+@pytest.mark.parametrize("max_waste", [0.0, float("inf")], ids=["attention-per-image", "attention-padded"])
+def test_batched_and_single_runs_agree(vision, max_waste, monkeypatch):
+    monkeypatch.setattr(runner, "PADDED_ATTENTION_MAX_WASTE", max_waste)
     pixels = vision.pixels(_frames())
     encoder = vision.encoder(_taus(vision, 0.9))
     batched = encoder(pixels)

@@ -6,7 +6,8 @@ The runner owns the forward logic; the modules own the weights. Each layer is
     merge similar tokens (keys averaged over heads as the metric)
     x = x + mlp(layer_norm2(x))
 
-which with nothing merged is exactly the stock pre-norm layer. A family adapter (``siglip.py``, ``clip.py``)
+which with nothing merged is exactly the stock pre-norm layer. Rows are packed (see ``dymu.merge``), so
+norms, projections and the MLP only see real tokens; attention sees each image's own tokens. A family adapter (``siglip.py``, ``clip.py``)
 only says how pixels become the first layer's input, where the layers are and how many leading tokens are
 protected.
 """
@@ -103,68 +104,62 @@ def frames_to_tokens(
     )
 
 
-class _Rows:
-    """The real rows of a padded batch, so that row-wise modules (norms, projections, MLP) skip padding.
-
-    Padding only appears once images of a batch have merged by different amounts; with none, packing is
-    the identity and costs nothing.
-    """
-
-    def __init__(self, sizes: Tensor | None = None):
-        self.mask = None if sizes is None or bool((sizes > 0).all()) else sizes > 0
-
-    def pack(self, x: Tensor) -> Tensor:
-        return x if self.mask is None else x[self.mask]
-
-    def unpack(self, rows: Tensor) -> Tensor:
-        if self.mask is None:
-            return rows
-        full = rows.new_zeros(*self.mask.shape, rows.shape[-1])
-        full[self.mask] = rows
-        return full
+# Attention runs as one padded call (key masks hide the padding) while that wastes little, else image by
+# image: a flat image merged to 30 tokens next to a busy one at 700 would otherwise pay 700^2 attention.
+PADDED_ATTENTION_MAX_WASTE = 1.25
 
 
-def _self_attention(attn: nn.Module, x: Tensor, rows: _Rows, norm: nn.Module, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Pre-norm attention with the module's own projections; returns its output and keys (B, H, T, hd)."""
-    batch, length, _ = x.shape
-    hidden = norm(rows.pack(x))
+def _padding_is_cheap(lengths: list[int]) -> bool:
+    return len(lengths) * max(lengths) ** 2 <= PADDED_ATTENTION_MAX_WASTE * sum(n * n for n in lengths)
 
-    def heads(projection: nn.Module) -> Tensor:
-        return rows.unpack(projection(hidden)).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
 
-    queries, keys, values = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, length, -1)
-    return rows.unpack(attn.out_proj(rows.pack(out))), keys
+def _attend(queries: Tensor, keys: Tensor, values: Tensor, state: TokenState, sized: bool, scale: float) -> Tensor:
+    """SDPA of packed (M, H, hd) rows, each image over its own rows only; ``sized``: add log(size) to keys."""
+    if _padding_is_cheap(state.lengths):
+        bias = attention_bias(state.to_padded(state.sizes), queries.dtype) if sized or not state.uniform else None
+        q, k, v = (state.to_padded(t).transpose(1, 2) for t in (queries, keys, values))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return state.to_packed(out.transpose(1, 2))
+    outs = []
+    for q, k, v, sizes in zip(*(t.split(state.lengths) for t in (queries, keys, values, state.sizes))):
+        bias = attention_bias(sizes[None], q.dtype) if sized else None
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _self_attention(attn: nn.Module, state: TokenState, norm: nn.Module, sized: bool) -> tuple[Tensor, Tensor]:
+    """Pre-norm attention with the module's own projections; returns its output rows and keys (M, H, hd)."""
+    hidden = norm(state.x)
+    queries, keys, values = (proj(hidden).unflatten(-1, (attn.num_heads, attn.head_dim))
+                             for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = _attend(queries, keys, values, state, sized, attn.scale)
+    return attn.out_proj(out.flatten(1)), keys
 
 
 def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, policy: MergePolicy) -> TokenState:
-    """Embed, then run the first ``num_layers`` layers with DToMe; returns the padded merged batch."""
+    """Embed, then run the first ``num_layers`` layers with DToMe; returns the packed merged batch."""
     state = initial_state(parts.embed(pixel_values))
-    merged = False  # until something merges, every size is 1 and there is no padding: no bias, no packing
+    merged = False  # until something merges, every size is 1: no bias needed
     for index, layer in enumerate(parts.layers[:num_layers]):
-        rows = _Rows(state.sizes if merged else None)
-        bias = attention_bias(state.sizes, state.x.dtype) if merged else None
-        attended, keys = _self_attention(layer.self_attn, state.x, rows, layer.layer_norm1, bias)
+        attended, keys = _self_attention(layer.self_attn, state, layer.layer_norm1, merged)
         state = dataclasses.replace(state, x=state.x + attended)
         if policy.active(index):
-            edges = bipartite_edges(keys.mean(dim=1), state.sizes, parts.num_protected)
+            # Sum rather than mean over heads: the cosine does not care about scale.
+            metric = state.to_padded(keys.float().sum(dim=1))
+            edges = bipartite_edges(metric, state.to_padded(state.sizes), parts.num_protected)
             merge = policy.choose(index, edges)
             if bool(merge.any()):
                 state = merge_tokens(state, edges, merge)
                 merged = True
-                rows = _Rows(state.sizes)
-        update = rows.unpack(layer.mlp(layer.layer_norm2(rows.pack(state.x))))
-        state = dataclasses.replace(state, x=state.x + update)
+        state = dataclasses.replace(state, x=state.x + layer.mlp(layer.layer_norm2(state.x)))
     return state
 
 
 def split_images(state: TokenState, drop_first: bool = False) -> list[MergedImage]:
-    """Cut the padded batch into per-image results; ``drop_first`` removes a protected CLS row and position."""
+    """Cut the packed batch into per-image results; ``drop_first`` removes a protected CLS row and position."""
+    start = 1 if drop_first else 0
     images = []
-    for x, sizes, mapping, count in zip(state.x, state.sizes, state.mapping, state.num_rows.tolist()):
-        start = 1 if drop_first else 0
-        images.append(
-            MergedImage(features=x[start:count], sizes=sizes[start:count].long(), mapping=mapping[start:] - start)
-        )
+    for x, sizes, mapping in zip(state.x.split(state.lengths), state.sizes.split(state.lengths), state.mapping):
+        images.append(MergedImage(features=x[start:], sizes=sizes[start:].long(), mapping=mapping[start:] - start))
     return images

@@ -1,0 +1,198 @@
+"""Benchmark: DToMe on a SigLIP-so400m-shaped encoder (random weights), presets low/mid/high against off.
+
+For each preset it calibrates thresholds on a handful of synthetic images (flat, gradient, textured,
+natural-ish), then runs the encoder with them and reports, per preset: tokens kept, the encoder's FLOPs
+ratio against off (counted from every layer's token counts), its wall-time ratio against off, and
+time saved / FLOPs saved. That last one is the target: >= 0.85, i.e. merging costs less than 15% of what it
+saves. Off is the stock transformers forward. Off and the presets are timed batch by batch, interleaved, so
+that a busy machine slows them alike; still, on a shared machine the times are noisy.
+
+    python bench/encoder.py                 # 8 images, batch 4, bf16 (fast on CPUs with AMX; CUDA if present)
+    python bench/encoder.py --dtype float32 --images 4
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dymu.calibrate import calibrate, preset_keep
+from dymu.families.base import resolve_device_dtype
+from dymu.merge import Edges
+from dymu.vision import DToMeEncoder, ThresholdPolicy
+
+log = logging.getLogger("bench.encoder")
+
+WIDTH, LAYERS, HEADS, MLP, IMAGE, PATCH = 1152, 27, 16, 4304, 384, 14
+TOKENS = (IMAGE // PATCH) ** 2
+PRESETS = ("low", "mid", "high")
+
+
+def build_encoder(device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A random-weight SigLIP-so400m-shaped vision tower.
+
+    Built on the meta device and initialised lecun-normal here (as transformers does for SigLIP), because
+    transformers' own initialisation of 400M parameters takes ~20 s on two cores.
+    """
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        image_size=IMAGE, patch_size=PATCH, vision_use_head=False,
+    )
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                nn.init.normal_(module.weight, std=fan_in**-0.5)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=WIDTH**-0.5)
+        model.embeddings.position_ids.copy_(torch.arange(TOKENS, device=device)[None])
+    return model.to(dtype).eval()
+
+
+def synthetic_images(count: int, seed: int = 0) -> torch.Tensor:
+    """(count, 3, S, S) pixels in [-1, 1], cycling through flat, gradient, textured and natural-ish."""
+    rng = np.random.default_rng(seed)
+    ramp = torch.linspace(-1, 1, IMAGE)
+
+    def smooth_noise(cells: int) -> torch.Tensor:
+        noise = torch.from_numpy(rng.normal(size=(1, 3, cells, cells))).float()
+        return F.interpolate(noise, size=(IMAGE, IMAGE), mode="bicubic")[0]
+
+    images = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:  # flat colour
+            image = torch.from_numpy(rng.uniform(-1, 1, size=(3, 1, 1))).float().expand(3, IMAGE, IMAGE)
+        elif kind == 1:  # linear gradient between two colours
+            angle = rng.uniform(0, 2 * math.pi)
+            t = (math.cos(angle) * ramp[:, None] + math.sin(angle) * ramp[None, :]) / 2 + 0.5
+            a, b = (torch.from_numpy(rng.uniform(-1, 1, size=(3, 1, 1))).float() for _ in range(2))
+            image = a * (1 - t) + b * t
+        elif kind == 2:  # busy texture: fine noise over stripes
+            stripes = torch.sin(ramp[None, :] * rng.uniform(20, 60) + ramp[:, None] * rng.uniform(0, 30))
+            image = 0.5 * stripes.expand(3, IMAGE, IMAGE) + 0.5 * smooth_noise(96)
+        else:  # natural-ish: 1/f-like sum of scales (large smooth regions with some detail)
+            image = sum(smooth_noise(cells) / cells**0.8 for cells in (2, 4, 8, 16, 32, 64))
+            image = image / image.abs().max()
+        images.append(image.clamp(-1, 1))
+    return torch.stack(images)
+
+
+def layer_flops(tokens_in: int, tokens_out: int) -> float:
+    """One layer: q/k/v/out projections and attention on the tokens it starts with, the MLP on those left."""
+    return 8 * tokens_in * WIDTH**2 + 4 * tokens_in**2 * WIDTH + 4 * tokens_out * WIDTH * MLP
+
+
+def encoder_flops(merges_per_layer: list[int]) -> float:
+    flops = 2 * TOKENS * 3 * PATCH * PATCH * WIDTH  # patch embedding
+    tokens = TOKENS
+    for merges in merges_per_layer:
+        flops += layer_flops(tokens, tokens - merges)
+        tokens -= merges
+    return flops
+
+
+@dataclass
+class CountingPolicy(ThresholdPolicy):
+    """Thresholds that also record each layer's merges per image, for the FLOPs count."""
+
+    merges: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def choose(self, layer: int, edges: Edges) -> torch.Tensor:
+        merge = super().choose(layer, edges)
+        self.merges[layer] = merge.sum(dim=1)
+        return merge
+
+    def per_image(self, num_images: int) -> list[list[int]]:
+        zero = torch.zeros(num_images, dtype=torch.long)
+        table = torch.stack([self.merges.get(layer, zero).cpu() for layer in range(len(self.taus))], dim=1)
+        self.merges.clear()
+        return table.tolist()
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    torch.manual_seed(0)
+
+    started = time.perf_counter()
+    model = build_encoder(device, dtype)
+    batches = synthetic_images(args.images).to(device, dtype).split(args.batch_size)
+    log.info("built the encoder and %d images in %.0f s", args.images, time.perf_counter() - started)
+
+    keep = {preset: preset_keep(preset, TOKENS) for preset in PRESETS}
+    taus = {preset: calibrate(DToMeEncoder(model), batches, keep[preset]) for preset in PRESETS}
+    log.info("calibrated %s in %.0f s", "/".join(PRESETS), time.perf_counter() - started)
+
+    with torch.no_grad():
+        model(batches[0])  # warm-up; the presets were warmed up by calibration
+        seconds = {mode: 0.0 for mode in ("off", *PRESETS)}
+        merges: dict[str, list[list[int]]] = {preset: [] for preset in PRESETS}
+        kept: dict[str, list[int]] = {preset: [] for preset in PRESETS}
+        for batch in batches:
+            seconds["off"] += _timed(lambda: model(batch), device)
+            for preset in PRESETS:
+                encoder, policy = DToMeEncoder(model, taus[preset]), CountingPolicy(taus[preset])
+                results: list = []
+                seconds[preset] += _timed(lambda: results.extend(encoder.run(batch, policy)), device)
+                merges[preset].extend(policy.per_image(len(batch)))
+                kept[preset].extend(image.num_tokens for image in results)
+    log.info("timed in %.0f s total", time.perf_counter() - started)
+
+    off_flops = encoder_flops([0] * LAYERS) * args.images
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    print(
+        f"\nSigLIP-so400m-shaped encoder, random weights ({LAYERS} layers, width {WIDTH}, {HEADS} heads, MLP {MLP}, "
+        f"{IMAGE}px/{PATCH} = {TOKENS} tokens); {args.images} synthetic images, batch {args.batch_size}, "
+        f"{str(dtype).removeprefix('torch.')} on {device}" + (f" ({threads} threads)" if threads else "") + "\n"
+    )
+    print("| preset | target | tokens kept (mean ± std, min-max) | FLOPs vs off | time vs off | time saved / FLOPs saved |")
+    print("|---|---|---|---|---|---|")
+    print(f"| off | {TOKENS} | {TOKENS} | 1.000 | 1.000 ({seconds['off']:.2f} s) | - |")
+    for preset in PRESETS:
+        flops = sum(encoder_flops(m) for m in merges[preset]) / off_flops
+        wall = seconds[preset] / seconds["off"]
+        counts = np.array(kept[preset])
+        print(
+            f"| {preset} | {keep[preset]} | {counts.mean():.0f} ± {counts.std():.0f} ({counts.min()}-{counts.max()}) "
+            f"| {flops:.3f} | {wall:.3f} ({seconds[preset]:.2f} s) | {(1 - wall) / (1 - flops):.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
