@@ -62,7 +62,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return Qwen2ForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
 
 
-def video_prompt(model: torch.nn.Module, frames: int, text_tokens: int, seed: int) -> tuple[VirtualSequence, VirtualSequence]:
+def video_prompt(model: torch.nn.Module, frames: int, text_tokens: int,
+                 seed: int) -> tuple[VirtualSequence, VirtualSequence]:
     """(unmerged, merged) prompts: text, frames x 196 visual positions, text. Merged rows are 2x2 block means."""
     generator = torch.Generator().manual_seed(seed)
     embed = model.get_input_embeddings()

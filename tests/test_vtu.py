@@ -146,8 +146,8 @@ def test_visual_block_longer_than_context_is_an_error():
                           mapping=torch.arange(4).repeat_interleave(20), positions_per_frame=[80])
     with pytest.raises(DymuError, match="context of 64"):
         build_sequence(model, [[1, 2], merged, [3]])
-    sequence = VirtualSequence(torch.randn(6, 64), torch.cat([torch.arange(2), torch.arange(2, 6).repeat_interleave(20)]),
-                               torch.tensor([False] * 2 + [True] * 80))
+    mapping = torch.cat([torch.arange(2), torch.arange(2, 6).repeat_interleave(20)])
+    sequence = VirtualSequence(torch.randn(6, 64), mapping, torch.tensor([False] * 2 + [True] * 80))
     with pytest.raises(DymuError, match="context"):
         generate(model, sequence, GenerateConfig(max_new_tokens=2))
 

@@ -127,7 +127,8 @@ class Generation:
         if self.config.stop_strings and tokenizer is None:
             raise DymuError("stop_strings need a tokenizer to decode the answer")
         self.tokenizer = tokenizer
-        self.eos = set(self.config.eos_token_ids if self.config.eos_token_ids is not None else self.decoder.eos_token_ids)
+        eos = self.config.eos_token_ids
+        self.eos = set(self.decoder.eos_token_ids if eos is None else eos)
         prune = self.config.prune
         if prune.enabled and predictor is None and prune.predictor:
             from dymu.llm.rate_model import LearnedRate  # it imports this module
@@ -142,6 +143,8 @@ class Generation:
         )
 
     def __iter__(self) -> Iterator[int]:
+        if self.result.tokens:
+            raise DymuError("a Generation runs once; make a new one for another answer")
         decoder, config, result = self.decoder, self.config, self.result
         prompt_entries = self.sequence.num_positions if config.prefill == "vtu" else self.sequence.num_rows
         cache = self.cache = new_cache(decoder, config.kv_cache, prompt_entries + config.max_new_tokens)

@@ -56,7 +56,8 @@ class AttentionTrace:
     visual_weights: list[torch.Tensor] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
-        table = torch.tensor([[float(getattr(s, name)) for name in _STATS_FIELDS] for s in self.stats], dtype=torch.float64)
+        rows = [[float(getattr(s, name)) for name in _STATS_FIELDS] for s in self.stats]
+        table = torch.tensor(rows, dtype=torch.float64)
         save_file({"stats": table, "visual_weights": torch.stack(self.visual_weights).float().contiguous()},
                   str(path), metadata={"kind": "dymu-attention-trace", "stats_fields": json.dumps(_STATS_FIELDS)})
 
@@ -108,7 +109,8 @@ def record_trace(model: nn.Module, sequence: VirtualSequence, layer: int, max_ne
     return recorder.trace
 
 
-def keep_targets(trace: AttentionTrace, coverage: float = 0.95, horizon: int = 32) -> list[tuple[AttentionStats, float]]:
+def keep_targets(trace: AttentionTrace, coverage: float = 0.95,
+                 horizon: int = 32) -> list[tuple[AttentionStats, float]]:
     """(statistics, target keep fraction) for every step of a trace (see the module docstring)."""
     if not 0.0 < coverage <= 1.0 or horizon < 0:
         raise DymuError(f"coverage must be in (0, 1] and horizon >= 0, got {coverage}, {horizon}")

@@ -63,10 +63,12 @@ class VirtualSequence:
                 f"of {max_positions} positions"
             )
         if int(self.mapping.min()) < 0 or int(self.mapping.max()) >= u:
-            raise DymuError(f"mapping points outside the {u} rows (range {int(self.mapping.min())}..{int(self.mapping.max())})")
+            low, high = int(self.mapping.min()), int(self.mapping.max())
+            raise DymuError(f"mapping points outside the {u} rows (range {low}..{high})")
         uses = torch.bincount(self.mapping, minlength=u)
         if bool((uses == 0).any()):
-            raise DymuError(f"{int((uses == 0).sum())} of {u} rows are not used by any position (mapping does not cover the rows)")
+            unused = int((uses == 0).sum())
+            raise DymuError(f"{unused} of {u} rows are not used by any position (mapping does not cover the rows)")
         if bool((uses[self.mapping[~self.visual]] != 1).any()):
             raise DymuError("a text position shares its row with another position; text rows must map 1:1")
         return self
