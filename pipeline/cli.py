@@ -16,6 +16,7 @@ from dymu.errors import DymuError
 # Order is the order `--help` lists them in.
 COMMAND_MODULES = [
     "pipeline.commands.ask",
+    "pipeline.commands.caption",
     "pipeline.commands.demo",
     "pipeline.commands.make_tiny_model",
     "pipeline.commands.calibrate",

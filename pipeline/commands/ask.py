@@ -6,6 +6,7 @@ import json
 import sys
 
 from pipeline.config import DEFAULT_MODEL, PRESETS
+from pipeline.runtime import add_runtime_options
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -63,29 +64,65 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  dymu-video ask clip.mp4 \"What is the person doing?\" --preset mid\n"
             "  dymu-video ask photo.jpg \"What is on the table?\" --model llava-hf/llava-1.5-7b-hf --json\n"
-            "  dymu-video make-tiny-model ./tiny && dymu-video ask clip.mp4 \"Describe it\" --model ./tiny"
+            "  dymu-video make-tiny-model ./tiny && dymu-video ask clip.mp4 \"Describe it\" --model ./tiny\n"
+            "  dymu-video ask clip.mp4 \"Who is there?\" \"What do they carry?\"   # the second reuses cached tokens\n"
+            "  dymu-video ask clip.mp4 \"Describe it\" --ray-address head:6379 --redis-url redis://:pw@head:6379/0\n"
+            "\n"
+            "The question runs through the pipeline (frame decoder, vision encoder and LLM actors on Ray, merged\n"
+            "tokens cached in Redis); with no --ray-address / --redis-url, a local Ray and a private redis-server\n"
+            "are started for the run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="a video file (mp4, mkv, webm, avi, ...) or an image")
-    p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--json", action="store_true", help="print one JSON object (answer and report) instead")
+    p.add_argument("question", nargs="+",
+                   help="the question, in quotes; more questions are answered in turn, from the cached tokens")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (answer and report) per question instead")
     add_model_options(p)
     add_answer_options(p)
+    add_runtime_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dymu.errors import DymuError
     from dymu.frames import media_kind
-    from pipeline.videoqa import VideoQA, format_report
+    from pipeline.config import make_config
+    from pipeline.jobs import Pipeline
+    from pipeline.runtime import runtime_from_args
+    from pipeline.videoqa import format_report
+    from workers.frame_decoder import family_supports_video
 
-    media_kind(args.path)  # a missing or unreadable file fails before the model loads
-    qa = VideoQA.from_pretrained(preset=args.preset, config_file=args.config_file, **config_overrides(args))
+    # Bad input fails before anything starts: a missing or unreadable file, a checkpoint that is not there,
+    # a video for an image-only model.
+    kind = media_kind(args.path)
+    config = make_config(args.preset, args.config_file, **config_overrides(args))
+    if kind == "video" and not family_supports_video(config.model, config.revision):
+        raise DymuError(f"{config.model} answers about images only, and {args.path} is a video")
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    answer = qa.ask(args.path, args.question, on_text=stream)
-    if args.json:
-        print(json.dumps(answer.to_json()))
-    else:
-        print()
-        print(format_report(answer.report))
+    with runtime_from_args(args) as runtime, Pipeline(
+        config, runtime.redis_url, decoders=args.decoders or 1, model_worker_cpus=args.model_worker_cpus
+    ) as pipeline:
+        for question in args.question:
+            answer = pipeline.ask(args.path, question, on_text=stream).answer
+            if args.json:
+                print(json.dumps(answer.to_json()))
+            else:
+                print()
+                print(format_report(answer.report))
+                print(format_cache(answer.report["cache"]))
     return 0
+
+
+def format_cache(cache: dict) -> str:
+    """The report's line about the token cache."""
+    status = cache["status"]
+    if status == "hit":
+        return (f"token cache: hit, decoding and encoding skipped (saved {cache['saved_seconds']:.2f}s; "
+                f"lookup {cache['lookup_seconds']:.2f}s)")
+    if status == "miss":
+        return "token cache: miss (the tokens are now cached for the next question)"
+    if status == "unavailable":
+        return "token cache: unavailable, ran without it"
+    return "token cache: off"

@@ -1,0 +1,70 @@
+"""``FrameDecoder``: a CPU Ray actor that turns a media file into sampled frames, and hashes files.
+
+It needs no model weights: whether the model takes videos at all is read from the checkpoint's config.
+Frames go back as a ``Media`` object that stays in Ray's object store and is handed to the encoder by
+reference; the caller only fetches the small summary returned next to it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from dymu.errors import DymuError
+from dymu.frames import load_image, media_kind, read_video_frames
+from pipeline.config import VideoQAConfig
+from pipeline.videoqa import Media
+from workers.metrics import pipeline_metrics
+from workers.token_cache import content_hash
+
+
+def family_supports_video(model: str, revision: str | None = None) -> bool:
+    """Whether the checkpoint's family answers about videos, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from dymu.families import FAMILIES
+    from dymu.families.base import load_pretrained
+
+    family = FAMILIES.get(load_pretrained(AutoConfig, model, revision).model_type)
+    return bool(family and family.supports_video)
+
+
+def read_media(path: str | Path, config: VideoQAConfig, supports_video: bool = True) -> Media:
+    """Frames sampled as ``config`` says (or the image), exactly as ``VideoQA.read`` reads them."""
+    started = time.perf_counter()
+    source = str(path)
+    if media_kind(path) == "image":
+        return Media(source, "image", image=load_image(path), read_seconds=time.perf_counter() - started)
+    if not supports_video:
+        raise DymuError(f"{config.model} answers about images only, and {source} is a video")
+    video = read_video_frames(path, num_frames=config.num_frames if config.fps is None else None,
+                              fps=config.fps, max_frames=config.max_frames)
+    return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
+                 read_seconds=time.perf_counter() - started)
+
+
+class FrameDecoder:
+    """File -> ``Media`` (sampled frames with timestamps, or one image), and file -> content hash."""
+
+    def __init__(self, config: VideoQAConfig):
+        self.config = config
+        self.supports_video = family_supports_video(config.model, config.revision)
+
+    def content_hash(self, path: str) -> str:
+        """sha256 of the file's bytes: the token cache's key for this video."""
+        started = time.perf_counter()
+        digest = content_hash(path)
+        pipeline_metrics().stage(self.config.model, "hash", time.perf_counter() - started)
+        return digest
+
+    @ray.method(num_returns=2)
+    def read(self, path: str) -> tuple[dict[str, Any], Media]:
+        """(summary, media): the summary is small enough for the caller to fetch, the frames are not."""
+        media = read_media(path, self.config, self.supports_video)
+        frames = 1 if media.kind == "image" else len(media.frames)
+        metrics = pipeline_metrics()
+        metrics.frames_decoded.inc(frames, tags={"model": self.config.model})
+        metrics.stage(self.config.model, "decode", media.read_seconds)
+        return {"kind": media.kind, "frames": frames, "seconds": media.read_seconds}, media
