@@ -215,6 +215,7 @@ class Pipeline:
         """
         if self._settings is not None:
             return
+        self.wait_ready()  # so that no job's timings include an actor starting
         encoders = self.encoders.actors
         settings = fetch([encoder.cache_settings.remote() for encoder in encoders])
         if any(s is None for s in settings):

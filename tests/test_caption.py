@@ -1,0 +1,177 @@
+"""`dymu-video caption`: inputs, the crash-safe JSON-lines file, a bad video in a folder, a run killed
+mid-batch and resumed, Redis unreachable at the start and Redis going away mid-batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dymu.errors import DymuError
+from media import changing_video, static_video, truncated_copy
+from pipeline.cli import main
+from pipeline.inputs import expand_inputs
+from pipeline.jsonl import JsonlFile
+from workers.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+def tiny_args(model: Path) -> list[str]:
+    return ["--model", str(model), "--frames", "2", "--max-new-tokens", "4", "--no-progress"]
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Three good videos in nested folders, one truncated (corrupt) video and a file that is not media."""
+    root = tmp_path_factory.mktemp("archive")
+    (root / "day1" / "cam2").mkdir(parents=True)
+    good = [changing_video(root / "day1" / "a.mp4", num_frames=4, size=64, seed=1),
+            static_video(root / "day1" / "cam2" / "b.mp4", num_frames=4, size=64, seed=2),
+            changing_video(root / "c.mp4", num_frames=4, size=64, seed=3)]
+    bad = truncated_copy(good[0], root / "day1" / "broken.mp4", 0.3)
+    (root / "notes.txt").write_text("not a video")
+    return root, [p.resolve() for p in good], bad.resolve()
+
+
+def spawn_caption(args: list[str]) -> subprocess.Popen:
+    """`dymu-video caption` in a process of its own, as a user (or a crash) would run it."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "caption", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= count:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"caption exited early ({process.returncode}): {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no {count} line(s) in {path} after {timeout_s} s")
+
+
+# --- inputs and the results file (no Ray) ---------------------------------------------------------------
+def test_inputs_folders_globs_and_list_files(archive, tmp_path, monkeypatch):
+    root, good, bad = archive
+    everything = sorted(good + [bad])
+    assert sorted(expand_inputs([str(root)])) == everything  # recursive, media names only
+    monkeypatch.chdir(root)
+    assert expand_inputs(["day1/**/*.mp4"]) == sorted([good[0], good[1], bad])
+    listing = root / "day1" / "list.txt"
+    listing.write_text("# first the camera\ncam2/b.mp4\n\n../c.mp4\ncam2/b.mp4\n")
+    assert expand_inputs([f"@{listing}", str(good[2])]) == [good[1], good[2]]  # relative to the list, once each
+    with pytest.raises(DymuError, match="no video or image files"):
+        expand_inputs([str(tmp_path)])
+
+
+def test_results_file_drops_a_partial_line_and_never_appends_by_accident(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with JsonlFile.open(out, "new") as results:
+        results.append({"path": "/a", "caption": "x"})
+        results.append({"path": "/b", "error": "bad"})
+    with open(out, "ab") as f:
+        f.write(b'{"path": "/c", "capt')  # what a crash in the middle of a write leaves
+    with pytest.raises(DymuError, match="--resume"):
+        JsonlFile.open(out, "new")
+    with JsonlFile.open(out, "resume") as results:
+        assert [r["path"] for r in results.records] == ["/a", "/b"]
+        assert out.read_bytes().endswith(b'"bad"}\n')  # the half line is gone
+        with pytest.raises(DymuError, match="another process"):
+            JsonlFile.open(out, "resume")
+        results.rewrite([r for r in results.records if "error" not in r])
+        results.append({"path": "/b", "caption": "y"})
+    assert [r["path"] for r in read_records(out)] == ["/a", "/b"]
+    JsonlFile.open(out, "overwrite").close()
+    assert out.read_bytes() == b""
+
+
+# --- whole batches -------------------------------------------------------------------------------------
+def test_redis_unreachable_at_start_is_one_clear_line(tiny_ov, archive, tmp_path, capsys):
+    root, _, _ = archive
+    rc = main(["caption", str(root), "--out", str(tmp_path / "c.jsonl"), "--redis-url", DEAD_REDIS, *tiny_args(tiny_ov)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "unreachable" in err and "--cache off" in err
+
+
+def test_folder_with_a_corrupt_video(ray_local, tiny_ov, archive, tmp_path, capsys):
+    root, good, bad = archive
+    out = tmp_path / "captions.jsonl"
+    # --cache off: the dead Redis URL is not even tried.
+    args = [str(root), "--out", str(out), "--redis-url", DEAD_REDIS, "--cache", "off", *tiny_args(tiny_ov)]
+    rc = main(["caption", *args[:-1]])  # with the progress bar
+    captured = capsys.readouterr()
+    assert rc == 1  # some failed
+    records = {r["path"]: r for r in read_records(out)}
+    assert set(records) == {str(p) for p in good + [bad]}
+    for path in good:
+        record = records[str(path)]
+        assert record["caption"] and record["frames"] == 2 and record["cache"] == "off"
+        assert record["tokens"]["llm_visual_rows"] < record["tokens"]["llm_visual_positions"]
+        assert record["seconds"]["wall"] > 0
+    assert "corrupt" in records[str(bad)]["error"]
+    assert "captioned 3 of 4" in captured.out and "1 failed" in captured.out and str(bad) in captured.out
+    assert "video/s" in captured.err or "s/video" in captured.err  # the progress bar's rate
+
+    before = out.read_bytes()
+    assert main(["caption", *args]) == 2  # no --resume: refused, nothing appended
+    assert "--resume" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["caption", *args, "--resume"]) == 0  # everything is there already
+    assert out.read_bytes() == before
+    assert main(["caption", *args, "--resume", "--retry-failed"]) == 1  # the broken video, once more
+    records = read_records(out)
+    assert sorted(r["path"] for r in records) == sorted(str(p) for p in good + [bad])
+
+
+def test_killed_mid_batch_then_resumed(ray_local, redis_server, tiny_ov, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clips = [changing_video(folder / f"{i:02d}.mp4", num_frames=4, size=64, seed=100 + i) for i in range(8)]
+    out = tmp_path / "captions.jsonl"
+    args = [str(folder), "--out", str(out), "--ray-address", ray_local.get_runtime_context().gcs_address,
+            "--redis-url", redis_server.url, *tiny_args(tiny_ov)]
+    process = spawn_caption(args)
+    wait_for_lines(out, 1, process)
+    process.kill()
+    process.wait()
+    written = out.read_bytes()
+    assert 1 <= written.count(b"\n") < len(clips)  # killed mid-batch
+    with open(out, "ab") as f:
+        f.write(b'{"path": "' + str(clips[-1]).encode())  # as if the kill had cut a write short
+
+    assert main(["caption", *args, "--resume"]) == 0
+    text = out.read_bytes()
+    assert text.startswith(written)  # what was written before the crash is kept as it was
+    paths = [r["path"] for r in read_records(out)]
+    assert sorted(paths) == sorted(str(p.resolve()) for p in clips)  # every video once: none lost, none twice
+
+
+def test_redis_going_away_mid_batch(ray_local, tiny_ov, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clips = [changing_video(folder / f"{i:02d}.mp4", num_frames=4, size=64, seed=200 + i) for i in range(12)]
+    out = tmp_path / "captions.jsonl"
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        process = spawn_caption([str(folder), "--out", str(out), "--ray-address",
+                                 ray_local.get_runtime_context().gcs_address, "--redis-url", server.url,
+                                 *tiny_args(tiny_ov)])
+        wait_for_lines(out, 1, process)
+        server.stop()
+        stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr[-2000:]
+    records = read_records(out)
+    assert len(records) == len(clips) and all(r.get("caption") for r in records)
+    assert any(r["cache"] == "unavailable" for r in records)  # the videos after it did not try the cache
+    assert "going on without it" in stderr  # the warning when it happened
+    assert "went away during the batch" in stdout  # and the summary
