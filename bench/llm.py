@@ -5,7 +5,7 @@ is merged to 25% by averaging each 2 x 2 block of neighbouring patches (the unme
 patch's own embedding: the block's shared content plus patch noise). Reported, per variant:
 
 - prefill time and its saving next to the analytic FLOPs saving (projections, MLP, attention);
-- decode ms/token around steps 1, 64 and 256 (median of the steps within +-4), the attention part of a step
+- decode ms/token around steps 1, 64 and 256 (median of the steps within +-8), the attention part of a step
   at the end of the answer (what pruning acts on), visual KV entries kept, KV bytes, peak memory;
 - KL(unmerged || variant) of the next-token distribution after the prompt, its mean over the answer and
   the greedy agreement, with every variant fed the unmerged model's greedy answer (teacher forcing).
@@ -215,8 +215,8 @@ def attention_ms(decoder: Decoder, cache: KVCache | GroupedKVCache, repeats: int
 
 
 def ms_around(run: Run, step: int) -> float:
-    """Median ms of the decode steps within 4 of ``step`` (the median shrugs off a neighbour's burst)."""
-    window = sorted(run.step_seconds[max(step - 5, 0): step + 4])
+    """Median ms of the decode steps within 8 of ``step`` (the median shrugs off a neighbour's burst)."""
+    window = sorted(run.step_seconds[max(step - 9, 0): step + 8])
     return 1000 * window[len(window) // 2] if window else float("nan")
 
 

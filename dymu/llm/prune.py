@@ -120,7 +120,7 @@ class Pruner:
     """Applies a ``PruneConfig`` during decoding: probes layer ``config.layer``, compacts the layers after it.
 
     ``trace`` lists (step, visual entries kept) at the first probe and at every change; ``history`` keeps
-    the statistics of every decision, the raw material for fitting a learned predictor.
+    every decision's statistics and chosen fraction, for inspection.
     """
 
     def __init__(self, config: PruneConfig, num_layers: int, predictor: RatePredictor | None = None) -> None:
