@@ -114,7 +114,8 @@ def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Ed
 
     metric = F.normalize(metric.float(), dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-    similarity.masked_fill_(~open_b[:, None, :], float("-inf"))
+    if not bool(open_b.all()):
+        similarity.masked_fill_(~open_b[:, None, :], float("-inf"))
     scores, targets = similarity.max(dim=-1)
     # Rounding can push the cosine of identical keys just over 1; tau = 1.0 must still mean "never merge".
     scores = scores.clamp(max=1.0).masked_fill(~open_a, float("-inf"))
@@ -162,9 +163,12 @@ def merge_tokens(state: TokenState, edges: Edges, merge: Tensor) -> TokenState:
     destination[:, ::2] = torch.where(merge, new_row[:, 1::2].gather(1, edges.targets), new_row[:, ::2])
     mapping = destination.gather(1, state.mapping)
 
-    kept = keep[real]
+    kept = keep[real].nonzero().squeeze(1)  # index_select copies rows faster than boolean indexing
     merged = TokenState(
-        x=state.x[kept], sizes=state.sizes[kept], lengths=keep.sum(dim=1).tolist(), mapping=mapping
+        x=state.x.index_select(0, kept),
+        sizes=state.sizes.index_select(0, kept),
+        lengths=keep.sum(dim=1).tolist(),
+        mapping=mapping,
     )
     image, a = merge.nonzero(as_tuple=True)
     source = state.offsets()[image] + 2 * a

@@ -106,7 +106,7 @@ def frames_to_tokens(
 
 # Attention runs as one padded call (key masks hide the padding) while that wastes little, else image by
 # image: a flat image merged to 30 tokens next to a busy one at 700 would otherwise pay 700^2 attention.
-PADDED_ATTENTION_MAX_WASTE = 1.25
+PADDED_ATTENTION_MAX_WASTE = 1.1
 
 
 def _padding_is_cheap(lengths: list[int]) -> bool:
@@ -146,7 +146,7 @@ def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, polic
         state = dataclasses.replace(state, x=state.x + attended)
         if policy.active(index):
             # Sum rather than mean over heads: the cosine does not care about scale.
-            metric = state.to_padded(keys.float().sum(dim=1))
+            metric = state.to_padded(keys.sum(dim=1))
             edges = bipartite_edges(metric, state.to_padded(state.sizes), parts.num_protected)
             merge = policy.choose(index, edges)
             if bool(merge.any()):
