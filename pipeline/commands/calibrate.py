@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import numpy as np
     from tqdm import tqdm
 
@@ -86,5 +88,12 @@ def run(args: argparse.Namespace) -> int:
         f"{thresholds.achieved_mean:.1f} +- {thresholds.achieved_std:.1f} "
         f"(min {min(counts)}, max {max(counts)}) on {len(counts)} images/frames"
     )
+    if abs(thresholds.achieved_mean / keep - 1) > 0.1:
+        # Each layer can at most halve an image, and the batch's easy images run out of edges first.
+        logging.getLogger(__name__).warning(
+            "the achieved mean is more than 10%% off the target: with %d layers to merge in, this target may be "
+            "out of reach, or the data too uniform; calibrating on more varied data helps",
+            encoder.num_layers,
+        )
     print(f"wrote {path}")
     return 0
