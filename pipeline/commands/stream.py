@@ -1,0 +1,156 @@
+"""`dymu-video stream URL... --every 10s --prompt "..."`: follow live feeds and answer about their recent past."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '2m', '500ms', '1h' or a plain number of seconds -> seconds (> 0)."""
+    match = _DURATION.match(text)
+    seconds = float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2) or "s"] if match else 0.0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 10s, 2m or 500ms")
+    return seconds
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="follow live camera feeds and answer a prompt about their recent past",
+        description=(
+            "Follow one or more live feeds (rtsp, http(s), udp, rtmp, a /dev/video* camera, or a file with "
+            "--realtime). Each sampled frame is merged into the feed's token memory (a static scene adds almost "
+            "nothing); every --every seconds the model answers the prompt over the last --window of the feed. "
+            "A feed that stalls or drops is reconnected and the gap is reported with the next result; when the "
+            "model falls behind, the oldest frames are dropped and the results say so. Ctrl-C stops cleanly."
+        ),
+        epilog=(
+            "examples:\n"
+            "  dymu-video stream rtsp://camera.local/stream1 --every 10s --prompt \"Describe what changed.\" --window 60s\n"
+            "  dymu-video stream udp://127.0.0.1:5000 --ask \"Is anyone at the door?\" --every 5s --json\n"
+            "  dymu-video stream rtsp://cam1/s rtsp://cam2/s --ask \"Any vehicle?\" --redis-url redis://:pw@host:6379/0 \\\n"
+            "      --redis-stream cams:answers\n"
+            "  dymu-video stream clip.mp4 --realtime --every 5s --prompt \"What happens?\" --model ./tiny\n"
+            "\n"
+            "Durations take ms, s, m or h (500ms, 10s, 2m). --max-frames caps the frames in the window; --frames\n"
+            "and --fps do not apply to feeds (use --sample-fps)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", nargs="+", help="feed(s): rtsp://, http(s)://, udp://, rtmp://, /dev/videoN or a file")
+    question = p.add_mutually_exclusive_group(required=True)
+    question.add_argument("--prompt", help="what to answer about each window, e.g. \"Describe what changed.\"")
+    question.add_argument("--ask", dest="prompt", help="the same, phrased as a question")
+    g = p.add_argument_group("feeds and memory")
+    g.add_argument("--every", type=parse_duration, default=10.0, metavar="DURATION",
+                   help="answer every this much feed time (default 10s)")
+    g.add_argument("--window", type=parse_duration, default=60.0, metavar="DURATION",
+                   help="answer about this much of the recent past (default 60s)")
+    g.add_argument("--token-budget", type=int, metavar="N",
+                   help="at most N visual tokens in a feed's memory; the oldest frames go first")
+    g.add_argument("--sample-fps", type=float, default=1.0, metavar="FPS", help="frames kept per second (default 1)")
+    g.add_argument("--realtime", action="store_true", help="play a file at its own rate, as if it were live")
+    g.add_argument("--connect-timeout", type=parse_duration, default=5.0, metavar="DURATION",
+                   help="give up opening a feed after this long (default 5s)")
+    g.add_argument("--stall-timeout", type=parse_duration, default=10.0, metavar="DURATION",
+                   help="reconnect when no frame came for this long (default 10s)")
+    g.add_argument("--max-results", type=int, metavar="N", help="stop after N results (default: run until Ctrl-C)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object per result instead of text")
+    out.add_argument("--out", metavar="FILE", help="also append every result to FILE as a JSON line")
+    out.add_argument("--redis-url", metavar="URL",
+                     help="Redis for the feeds' token chunks and --redis-stream (default $REDIS_URL; none: no Redis)")
+    out.add_argument("--redis-stream", metavar="KEY", help="also XADD every result to this Redis stream")
+    out.add_argument("--redis-maxlen", type=int, default=10000, metavar="N",
+                     help="keep about this many entries in the Redis stream (default 10000)")
+    add_model_options(p)
+    add_answer_options(p)
+    p.set_defaults(func=run)
+
+
+class ResultSinks:
+    """Where results go besides stdout: a JSON-lines file and a Redis stream (capped with MAXLEN)."""
+
+    def __init__(self, out: str | None, redis_client: Any, stream_key: str | None, maxlen: int):
+        self.file = open(out, "a", encoding="utf-8") if out else None
+        self.redis = redis_client
+        self.stream_key = stream_key
+        self.maxlen = maxlen
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        if self.file is not None:
+            self.file.write(line + "\n")  # one write per line: a crash never leaves half a line
+            self.file.flush()
+        if self.stream_key is not None:
+            fields = {"feed": record["feed"], "answer": record["answer"], "json": line}
+            self.redis.xadd(self.stream_key, fields, maxlen=self.maxlen, approximate=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from dymu.errors import DymuError
+    from pipeline.config import make_config
+    from pipeline.ingest import FeedOptions
+    from pipeline.stream import LiveStreams, LocalEngine, connect_feeds
+    from workers.redis_server import connect_redis
+    from workers.token_cache import TokenCache
+
+    # SIGTERM stops like Ctrl-C: the same `finally` closes the readers and joins their processes.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.max_results is not None and args.max_results < 1:
+        raise DymuError("--max-results must be >= 1")
+    config = make_config(args.preset, args.config_file, **config_overrides(args))
+    options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
+                          stall_timeout_s=args.stall_timeout, realtime=args.realtime)
+    redis_url = args.redis_url or os.environ.get("REDIS_URL") or None
+    if args.redis_stream and not redis_url:
+        raise DymuError("--redis-stream needs a Redis: pass --redis-url or set REDIS_URL")
+    # Redis is checked before any feed is opened, so that a typo fails at once.
+    cache = TokenCache(redis_url) if redis_url else None
+    sinks = ResultSinks(args.out, connect_redis(redis_url) if args.redis_stream else None, args.redis_stream,
+                        args.redis_maxlen)
+    streams, count = None, 0
+    try:
+        readers = connect_feeds(args.url, options)
+        try:
+            engine = LocalEngine.from_config(config)
+        except BaseException:
+            for reader in readers:
+                reader.close()
+            raise
+        streams = LiveStreams(readers, engine, args.prompt, args.every, args.window, args.token_budget, cache)
+        for result in streams:
+            record = result.to_json()
+            print(json.dumps(record) if args.json else result.to_text(), flush=True)
+            sinks.write(record)
+            count += 1
+            if args.max_results is not None and count >= args.max_results:
+                break
+    except KeyboardInterrupt:
+        print(f"dymu-video stream: stopped after {count} result(s)", file=sys.stderr)
+    finally:
+        if streams is not None:
+            streams.close()
+        sinks.close()
+        if cache is not None:
+            cache.close()
+    return 0

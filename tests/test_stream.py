@@ -1,0 +1,278 @@
+"""Live feeds: readers, the stream runner and `dymu-video stream`, against real MPEG-TS feeds on loopback UDP.
+
+A feed is a subprocess (``tests/live_feed.py``) that encodes a synthetic camera view with PyAV and sends it
+as MPEG-TS to ``udp://127.0.0.1:PORT`` in real time. Every wait below is bounded in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.commands.stream import parse_duration
+from pipeline.ingest import FeedOptions, FeedReader, FeedUnavailable, Sampler, open_options, source_kind
+from pipeline.sample_media import scene_frames, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- the live feed -------------------------------------------------------------------------------------
+def start_feed(port: int, seconds: float = 60.0) -> subprocess.Popen:
+    """A camera sending to udp://127.0.0.1:port (see tests/live_feed.py)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.live_feed", str(port), str(seconds)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def feed_port():
+    """A port with a live feed on it for the test (killed at the end)."""
+    port = free_udp_port()
+    sender = start_feed(port)
+    yield port
+    stop(sender)
+
+
+# --- the command as a user runs it ---------------------------------------------------------------------
+class Command:
+    """`dymu-video stream ...` in a subprocess, its stdout read line by line with timeouts."""
+
+    def __init__(self, *args: str):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stream", *args], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def next_result(self, timeout: float) -> dict:
+        try:
+            return json.loads(self.lines.get(timeout=timeout))
+        except queue.Empty:
+            self.process.kill()
+            pytest.fail(f"no result within {timeout} s; stderr: {self.process.stderr.read()[-2000:]}")
+
+    def descendants(self) -> set[int]:
+        """Processes started by the command, found through /proc (children of children included)."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        found, frontier = set(), {self.process.pid}
+        while frontier:
+            frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+            found |= frontier
+        return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def model_args(tiny_ov: Path) -> list[str]:
+    return ["--model", str(tiny_ov), "--device", "cpu", "--max-new-tokens", "4"]
+
+
+def test_stream_command_answers_on_schedule_survives_a_cut_and_stops_on_ctrl_c(tiny_ov):
+    port = free_udp_port()
+    sender = start_feed(port)
+    command = Command(f"udp://127.0.0.1:{port}", "--ask", "What is happening?", "--every", "2s", "--window", "6s",
+                      "--sample-fps", "2", "--connect-timeout", "2s", "--stall-timeout", "2s", "--json",
+                      *model_args(tiny_ov))
+    try:
+        before = [command.next_result(timeout=90)]
+        before += [command.next_result(timeout=15) for _ in range(3)]
+        # Results every 2 s of feed, once the backlog of the model's start-up is answered.
+        spacing = [b["end"] - a["end"] for a, b in zip(before[1:], before[2:])]
+        assert all(1.4 <= s <= 2.6 for s in spacing), spacing
+        for result in before:
+            assert result["answer"] and result["tokens"] > 0 and result["reconnects"] == 0 and not result["gaps"]
+            assert result["end"] - result["start"] <= 6.0 and result["frames"] <= 13
+            assert result["start"] <= result["end"] <= result["time"]
+
+        stop(sender)  # the camera goes away for a few seconds...
+        time.sleep(3.0)
+        sender = start_feed(port)  # ...and comes back
+        after = command.next_result(timeout=45)
+        while not after["gaps"] and after["reconnects"] == 0:
+            after = command.next_result(timeout=30)  # results already on their way before the cut
+        assert after["reconnects"] == 1
+        gap = after["gaps"][0]
+        assert gap["seconds"] >= 3.0 and gap["attempts"] >= 1 and gap["reason"]
+        assert gap["start"] >= before[-1]["end"] - 0.01 and gap["end"] <= after["end"]
+        resumed = [command.next_result(timeout=15) for _ in range(2)]
+        assert all(r["end"] > after["end"] and not r["gaps"] for r in resumed)
+
+        children = command.descendants()
+        assert children, "the feed reader runs in its own process"
+        command.process.send_signal(signal.SIGINT)
+        assert command.process.wait(timeout=20) == 0
+        assert "stopped after" in command.process.stderr.read()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)]
+    finally:
+        stop(sender)
+        if command.process.poll() is None:
+            command.process.kill()
+            command.process.wait()
+
+
+def test_unreachable_feed_is_one_clear_line_after_the_connect_timeout(tiny_ov):
+    port = free_udp_port()  # nothing sends there
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "stream", f"udp://127.0.0.1:{port}", "--ask", "?",
+                          "--connect-timeout", "1s", *model_args(tiny_ov)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"dymu-video stream: error: cannot open udp://127.0.0.1:{port}: no data within 1 s"
+    assert time.monotonic() - started < 30
+
+
+# --- the Python API ------------------------------------------------------------------------------------
+def test_two_feeds_share_one_engine_and_answer_on_demand(tiny_ov):
+    from pipeline.stream import open_streams
+
+    ports = [free_udp_port(), free_udp_port()]
+    senders = [start_feed(port) for port in ports]
+    urls = [f"udp://127.0.0.1:{port}" for port in ports]
+    try:
+        options = FeedOptions(sample_fps=2, connect_timeout_s=10, stall_timeout_s=5)
+        with open_streams(urls, "What is there?", every_s=1.5, window_s=4, feed_options=options,
+                          model=str(tiny_ov), device="cpu", max_new_tokens=4) as streams:
+            assert len({id(feed.reader) for feed in streams.feeds}) == 2
+            results: dict[str, list] = {url: [] for url in urls}
+            deadline = time.monotonic() + 60
+            for result in streams:
+                results[result.feed].append(result)
+                if all(len(found) >= 2 for found in results.values()) or time.monotonic() > deadline:
+                    break
+            assert all(len(found) >= 2 for found in results.values()), {k: len(v) for k, v in results.items()}
+            for found in results.values():
+                assert all(r.end - r.start <= 4.0 and r.tokens > 0 and r.positions >= r.tokens for r in found)
+                assert found[1].end > found[0].end
+            on_demand = streams.ask("Who is there?")
+            assert sorted(r.feed for r in on_demand) == sorted(urls)
+            assert all(r.on_demand and r.question == "Who is there?" and r.answer for r in on_demand)
+            pids = [feed.reader.pid for feed in streams.feeds]
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        for sender in senders:
+            stop(sender)
+
+
+def test_static_view_adds_far_fewer_tokens_per_second_than_a_busy_one(tiny_ov):
+    from pipeline.config import make_config
+    from pipeline.stream import FeedMemory, LocalEngine
+    from tests.media import textured_frame
+
+    engine = LocalEngine.from_config(make_config(model=str(tiny_ov), device="cpu"))
+    rng = np.random.default_rng(0)
+    view = textured_frame(128, seed=1).astype(np.float32)
+    static = [np.clip(view + rng.normal(0, 1.5, view.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    busy = [textured_frame(128, seed=100 + i) for i in range(8)]
+    added = {}
+    for name, images in (("static", static), ("busy", busy)):
+        memory = FeedMemory(window_s=60, threshold=engine.config.temporal_threshold)
+        memory.add(engine.encode_frames(images, [float(t) for t in range(len(images))]))
+        first = memory.state.frames[0].new_rows
+        added[name] = (memory.rows_added - first) / (len(images) - 1)  # rows per second after the first frame
+    assert added["busy"] > 5 * max(added["static"], 1.0), added
+
+
+# --- the reader ----------------------------------------------------------------------------------------
+def test_a_slow_pipeline_drops_the_oldest_frames(tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", scene_frames(num_frames=80, size=64), fps=20)
+    with FeedReader(str(clip), FeedOptions(sample_fps=20, queue_frames=3, realtime=True)) as reader:
+        reader.wait_connected()
+        time.sleep(2.5)  # the pipeline is busy: frames pile up in the reader's queue
+        waiting = reader.frames()
+        now = time.time()
+        assert len(waiting) <= 3
+        assert now - waiting[-1].time < 0.6  # the newest frames were kept...
+        assert reader.dropped >= 20  # ...and the oldest dropped, and counted
+        assert reader.sampled >= reader.dropped + len(waiting)
+        deadline = time.monotonic() + 20
+        while not reader.ended and time.monotonic() < deadline:
+            reader.frames(timeout=0.2)
+        assert reader.ended and reader.sampled <= 80
+
+
+def test_a_hung_reader_process_is_replaced_and_the_gap_reported(feed_port, monkeypatch):
+    monkeypatch.setattr("pipeline.ingest._HANG_GRACE_S", 0.0)  # restart after connect + stall timeouts (2 s)
+    options = FeedOptions(sample_fps=4, connect_timeout_s=1, stall_timeout_s=1)
+    with FeedReader(f"udp://127.0.0.1:{feed_port}", options) as reader:
+        reader.wait_connected()
+        deadline = time.monotonic() + 20
+        while reader.last_frame_time is None and time.monotonic() < deadline:
+            reader.frames(timeout=0.5)
+        hung = reader.pid
+        os.kill(hung, signal.SIGSTOP)  # as if stuck in a native read past every timeout
+        gaps = []
+        deadline = time.monotonic() + 30
+        while not gaps and time.monotonic() < deadline:
+            gaps = [frame.gap for frame in reader.frames(timeout=0.5) if frame.gap is not None]
+        assert reader.restarts == 1 and reader.pid != hung and not alive(hung)
+        assert gaps and gaps[0].seconds >= 2.0 and "restarted" in gaps[0].reason
+
+
+def test_sampler_keeps_a_steady_rate_and_restarts_after_a_pause():
+    sampler = Sampler(fps=2)
+    times = [i / 30 for i in range(90)]  # 3 s of a 30 fps feed
+    kept = [t for t in times if sampler.take(t)]
+    assert len(kept) == 6 and np.allclose(np.diff(kept), 0.5, atol=1 / 30)
+    assert sampler.take(10.0) and not sampler.take(10.2) and sampler.take(10.5)
+
+
+def test_open_options_per_protocol():
+    rtsp = open_options("rtsp://user:pw@cam/stream1", 5)
+    assert rtsp["rtsp_transport"] == "tcp" and rtsp["timeout"] == "5000000" and rtsp["rw_timeout"] == "5000000"
+    assert open_options("udp://127.0.0.1:5000", 2)["timeout"] == "2000000"
+    assert "timeout" not in open_options("rtmp://host/live", 5)  # rtmp's "timeout" means listen
+    assert int(open_options("http://host/feed.ts", 5)["analyzeduration"]) <= 1_000_000
+    assert [source_kind(u) for u in ("/dev/video0", "clip.mp4", "file:///x.mp4", "rtsp://cam/s")] == \
+        ["device", "file", "file", "network"]
+    with pytest.raises(FeedUnavailable, match="no such file"):
+        FeedReader("/no/such/clip.mp4").start()
+
+
+def test_durations():
+    assert [parse_duration(text) for text in ("10s", "2m", "500ms", "1h", "3", "1.5s")] == \
+        [10.0, 120.0, 0.5, 3600.0, 3.0, 1.5]
+    for bad in ("0s", "-1s", "10x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
+
