@@ -17,6 +17,7 @@ from dymu.errors import DymuError
 COMMAND_MODULES = [
     "pipeline.commands.ask",
     "pipeline.commands.caption",
+    "pipeline.commands.stream",
     "pipeline.commands.demo",
     "pipeline.commands.make_tiny_model",
     "pipeline.commands.calibrate",
