@@ -163,3 +163,32 @@ def test_bad_frames_are_refused():
     two = merge_frames(frames, 0.9)
     with pytest.raises(InvalidTokens, match="one frame"):
         append_frame(memory, two, 0.9)
+
+
+def test_redis_chunks_of_a_feed_stay_bounded_and_readable(redis_server):
+    """An hour of feed at 1 frame/s, chunks of 10 s, a 60 s window: only the chunks the window covers stay."""
+    import redis
+
+    from pipeline.stream import ChunkStore, FeedMemory
+    from workers.token_cache import TokenCache, live_source_id
+
+    feed = "rtsp://user:secret@camera.local/stream1"
+    cache = TokenCache(redis_server.url)
+    chunks = ChunkStore(cache, feed, "tiny", "", {"taus": [0.9]}, chunk_s=10.0, ttl_s=80, threshold=0.9)
+    memory = FeedMemory(window_s=60.0, threshold=0.9, chunks=chunks)
+    client = redis.Redis.from_url(redis_server.url)
+    feed_keys = f"*{live_source_id(feed, 0.0, 10.0).rsplit('-', 1)[0]}-*"  # every chunk of this feed
+    most_keys = 0
+    for minute in range(60):
+        memory.add(scene(60, static=True, seed=minute, start=60.0 * minute))
+        keys = list(client.scan_iter(match=feed_keys, count=1000))
+        most_keys = max(most_keys, len(keys))
+    assert memory.state.num_frames == 61
+    assert len(chunks.keys()) <= 7  # chunks ending after the window's start
+    assert most_keys <= 2 * 7  # a manifest and one part each
+    assert all(0 < client.ttl(key) <= 80 for key in keys)
+    assert "secret" not in " ".join(key.decode() for key in keys)
+    newest = cache.get(chunks.keys()[-1]).validate()  # a whole chunk, temporally merged, readable by anyone
+    assert newest.num_frames == 10 and newest.timestamps[0] == 3580.0  # the last closed chunk
+    assert newest.num_unique < 2 * POSITIONS
+    cache.close()
