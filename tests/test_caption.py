@@ -3,7 +3,6 @@ mid-batch and resumed, Redis unreachable at the start and Redis going away mid-b
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

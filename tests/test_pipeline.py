@@ -3,8 +3,8 @@ as in one process, cache hits that skip decode and encode with identical tokens,
 and a Redis that goes away mid-batch."""
 from __future__ import annotations
 
-import ray
 import pytest
+import ray
 import torch
 
 from media import changing_video, static_video, truncated_copy
