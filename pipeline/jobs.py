@@ -252,19 +252,28 @@ class Pipeline:
             source = fetch(decoder.content_hash.remote(path))
         return token_cache_key(source, self.config.model, self.config.revision or "", self._settings)
 
+    def _cache_status(self, ref: Any, twin: Any = None) -> dict[str, Any]:
+        """A cache call's status; a cache that fails in any way is marked unavailable, never a job's error."""
+        try:
+            status = fetch_summary(ref, twin) if twin is not None else fetch(ref)
+        except Exception as exc:  # the cache actor itself died, or worse: still only the cache
+            status = {"status": "unavailable", "reason": error_message(exc)}
+        if status["status"] == "unavailable":
+            self._cache_lost(status["reason"])
+        return status
+
     def _tokens(self, job: Job) -> tuple[Any, dict[str, Any], Any]:
         """(tokens ref, cache status, pending cache write or None) for the job's video."""
         started = time.perf_counter()
         key = self._cache_key(job.path)
         if key is not None:
             found, tokens = self.cache.get.remote(key)
-            found = fetch_summary(found, tokens)
+            found = self._cache_status(found, tokens)
             lookup = time.perf_counter() - started
             if found["status"] == "hit":
                 saved = found["made_in_seconds"] - lookup
                 return tokens, {"status": "hit", "lookup_seconds": lookup, "saved_seconds": saved}, None
             if found["status"] == "unavailable":
-                self._cache_lost(found["reason"])
                 key = None
         with self.decoders.borrow() as decoder:
             decoded, media = decoder.read.remote(job.path)
@@ -293,9 +302,7 @@ class Pipeline:
             tokens, cache, store = self._tokens(job)
             answer = self._answer(tokens, job, on_text)
             if store is not None:  # written while the LLM answered
-                stored = ray.get(store)
-                if stored["status"] == "unavailable":
-                    self._cache_lost(stored["reason"])
+                self._cache_status(store)
         except Exception as exc:  # one job's failure is its own result, never the batch's
             if isinstance(exc, DymuError):
                 log.info("%s: %s", job.path, exc)
