@@ -66,5 +66,5 @@ class FrameDecoder:
         frames = 1 if media.kind == "image" else len(media.frames)
         metrics = pipeline_metrics()
         metrics.frames_decoded.inc(frames, tags={"model": self.config.model})
-        metrics.stage(self.config.model, "decode", media.read_seconds)
+        metrics.stage(self.config.model, "read", media.read_seconds)
         return {"kind": media.kind, "frames": frames, "seconds": media.read_seconds}, media

@@ -23,7 +23,9 @@ class PipelineMetrics:
         self.cache_hits = Counter("dymu_cache_hits", "token-cache lookups that skipped decode and encode", tags)
         self.cache_misses = Counter("dymu_cache_misses", "token-cache lookups that found nothing usable", tags)
         self.stage_seconds = Histogram(
-            "dymu_stage_seconds", "seconds one call of a pipeline stage took", _SECONDS_BUCKETS, ("model", "stage"))
+            "dymu_stage_seconds",
+            "seconds one call of a stage took (hash, read, encode, cache_get, cache_put, prefill, decode)",
+            _SECONDS_BUCKETS, ("model", "stage"))
 
     def stage(self, model: str, stage: str, seconds: float) -> None:
         self.stage_seconds.observe(seconds, tags={"model": model, "stage": stage})

@@ -18,11 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "caption",
         help="caption every video of an archive into a JSON-lines file",
         description=(
-            "Caption videos (and images) through the pipeline: frame decoders, the vision encoder and the LLM "
-            "work on different videos at once. Each video gets one JSON line in --out: its path, the caption, "
-            "token counts and timings, or the error that stopped it; one bad file never stops the batch. "
-            "Lines are written whole and synced to disk as each video finishes, so an interrupted run loses "
-            "nothing it wrote: rerun it with --resume to caption only what is missing. An --out file that "
+            "Caption videos (and images) through the pipeline: frame decoders, the vision encoder and the LLM\n"
+            "work on different videos at once. Each video gets one JSON line in --out: its path, the caption,\n"
+            "token counts and timings, or the error that stopped it; one bad file never stops the batch.\n"
+            "Lines are written whole and synced to disk as each video finishes, so an interrupted run loses\n"
+            "nothing it wrote: rerun it with --resume to caption only what is missing. An --out file that\n"
             "already holds results is never appended to by accident: pass --resume or --overwrite."
         ),
         epilog=(
