@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
@@ -53,6 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def question_for(path: str, prompt: str | None) -> str:
+    """``prompt``, or the default question for a video or (by its name) an image."""
+    from pipeline.inputs import IMAGE_SUFFIXES
+
+    if prompt:
+        return prompt
+    return IMAGE_PROMPT if Path(path).suffix.lower() in IMAGE_SUFFIXES else VIDEO_PROMPT
+
+
 def caption_record(result: Any) -> dict[str, Any]:
     """The JSON line of one finished job."""
     if not result.ok:
@@ -75,7 +85,7 @@ def caption_record(result: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from pipeline.config import make_config
-    from pipeline.inputs import IMAGE_SUFFIXES, expand_inputs
+    from pipeline.inputs import expand_inputs
     from pipeline.jobs import Job
     from pipeline.jsonl import JsonlFile
     from workers.frame_decoder import family_supports_video
@@ -92,17 +102,9 @@ def run(args: argparse.Namespace) -> int:
         done = {record.get("path") for record in out.records}
         todo = [path for path in map(str, paths) if path not in done]
 
-        def question(path: str) -> str:
-            if args.prompt:
-                return args.prompt
-            return IMAGE_PROMPT if path.lower().endswith(tuple(IMAGE_SUFFIXES)) else VIDEO_PROMPT
-
-        failed: list[tuple[str, str]] = []
         started = time.perf_counter()
-        if todo:
-            failed, cache_note = _caption(args, config, [Job(p, question(p)) for p in todo], out)
-        else:
-            cache_note = ""
+        jobs = [Job(path, question_for(path, args.prompt)) for path in todo]
+        failed, cache_note = _caption(args, config, jobs, out) if jobs else ([], "")
         elapsed = time.perf_counter() - started
     print(summary(len(todo), failed, len(paths) - len(todo), elapsed, args.out))
     if cache_note:
