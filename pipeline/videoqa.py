@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dymu.answer import write_answer
+from dymu.errors import DymuError
 from dymu.families import VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
@@ -55,6 +56,20 @@ class Answer:
         return {"source": self.source, "question": self.question, "answer": self.text, **self.report}
 
 
+def read_media(path: str | Path, config: VideoQAConfig, supports_video: bool = True) -> Media:
+    """Frames sampled as ``config`` says, or the image (needs no model, so a decoder worker can run it)."""
+    started = time.perf_counter()
+    source = str(path)
+    if media_kind(path) == "image":
+        return Media(source, "image", image=load_image(path), read_seconds=time.perf_counter() - started)
+    if not supports_video:
+        raise DymuError(f"{config.model} answers about images only, and {source} is a video")
+    video = read_video_frames(path, num_frames=config.num_frames if config.fps is None else None,
+                              fps=config.fps, max_frames=config.max_frames)
+    return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
+                 read_seconds=time.perf_counter() - started)
+
+
 class VideoQA:
     """A loaded model plus the reductions of one config. Load once, ask many questions."""
 
@@ -73,18 +88,7 @@ class VideoQA:
 
     # --- stage 1: frames -------------------------------------------------------------------------------
     def read(self, path: str | Path) -> Media:
-        started = time.perf_counter()
-        source = str(path)
-        if media_kind(path) == "image":
-            return Media(source, "image", image=load_image(path), read_seconds=time.perf_counter() - started)
-        if not self.family.supports_video:
-            from dymu.errors import DymuError
-
-            raise DymuError(f"{self.config.model} ({self.family.name}) answers about images only, and {source} is a video")
-        video = read_video_frames(path, num_frames=self.config.num_frames if self.config.fps is None else None,
-                                  fps=self.config.fps, max_frames=self.config.max_frames)
-        return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
-                     read_seconds=time.perf_counter() - started)
+        return read_media(path, self.config, self.family.supports_video)
 
     # --- stage 2: merged tokens ------------------------------------------------------------------------
     def encode(self, media: Media) -> MergedTokens:
@@ -111,8 +115,6 @@ class VideoQA:
         thresholds = find_thresholds(config.model, probe.encoder, keep, config.thresholds)
         if thresholds is None:
             if media is None:
-                from dymu.errors import DymuError
-
                 raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
             pixels = self.family.frame_pixels(media.frames) if media.kind == "video" else self.family.image_pixels(media.image)[0]
             thresholds = calibrate_and_cache(config.model, probe.encoder, keep, pixels, media.source)

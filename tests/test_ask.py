@@ -11,6 +11,12 @@ from pipeline.cli import main
 from pipeline.videoqa import VideoQA
 
 
+@pytest.fixture(autouse=True)
+def _shared_runtime(ray_local, redis_server, monkeypatch):
+    """`ask` runs through the Ray pipeline: share the session's Ray and Redis instead of starting new ones."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")

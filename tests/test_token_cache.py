@@ -19,7 +19,6 @@ from safetensors.torch import save as st_save
 from dymu.errors import DymuError
 from dymu.tokens import MergedTokens
 from workers.redis_server import CacheUnavailable, EmbeddedRedis, connect_redis
-from tests.redis_fixture import redis_server  # noqa: F401  (fixture)
 from workers.token_cache import (
     KEY_PREFIX,
     TokenCache,

@@ -7,15 +7,12 @@ reference; the caller only fetches the small summary returned next to it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from dymu.errors import DymuError
-from dymu.frames import load_image, media_kind, read_video_frames
 from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Media
+from pipeline.videoqa import Media, read_media
 from workers.metrics import pipeline_metrics
 from workers.token_cache import content_hash
 
@@ -29,20 +26,6 @@ def family_supports_video(model: str, revision: str | None = None) -> bool:
 
     family = FAMILIES.get(load_pretrained(AutoConfig, model, revision).model_type)
     return bool(family and family.supports_video)
-
-
-def read_media(path: str | Path, config: VideoQAConfig, supports_video: bool = True) -> Media:
-    """Frames sampled as ``config`` says (or the image), exactly as ``VideoQA.read`` reads them."""
-    started = time.perf_counter()
-    source = str(path)
-    if media_kind(path) == "image":
-        return Media(source, "image", image=load_image(path), read_seconds=time.perf_counter() - started)
-    if not supports_video:
-        raise DymuError(f"{config.model} answers about images only, and {source} is a video")
-    video = read_video_frames(path, num_frames=config.num_frames if config.fps is None else None,
-                              fps=config.fps, max_frames=config.max_frames)
-    return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
-                 read_seconds=time.perf_counter() - started)
 
 
 class FrameDecoder:
