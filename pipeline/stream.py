@@ -12,8 +12,7 @@ the feed's memory (so a static scene adds almost nothing) and evicted past the w
 seconds of a feed, the LLM answers over its window. While an answer is written the readers keep reading;
 their bounded queues drop the oldest frames if the pipeline falls behind, and results say so.
 
-The engine here runs in this process (``LocalEngine``). It is an interface of three members, so that
-running on the shared Ray actors is another small class with the same members.
+The engine (encoder and LLM, ``pipeline.stream_engine``) runs in this process or as Ray actors.
 """
 from __future__ import annotations
 
@@ -23,85 +22,22 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from dymu.errors import DymuError
-from dymu.layout import append_learned_row, compose
+from dymu.layout import append_learned_row
 from dymu.memory import TokenMemory, append_frame, assemble, evict
 from dymu.temporal import merge_frames
 from dymu.tokens import MergedTokens
-from pipeline.config import VideoQAConfig, make_config
+from pipeline.config import make_config
 from pipeline.ingest import FeedOptions, FeedReader, Gap
-from pipeline.videoqa import Answer, Media, VideoQA
+from pipeline.stream_engine import Engine, LocalEngine
 from workers.redis_server import CacheUnavailable
 from workers.token_cache import TokenCache, live_source_id, token_cache_key
 
 log = logging.getLogger(__name__)
-
-
-# --- the engine: encoder and LLM, shared by every feed -------------------------------------------------
-class Engine(Protocol):
-    config: VideoQAConfig
-
-    def encode_frames(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
-        """Each frame (H, W, 3) uint8 -> its own LLM-side merged tokens (DToMe, projector, pooling)."""
-
-    def answer(self, tokens: MergedTokens, question: str, source: str = "") -> Answer: ...
-
-    def newline(self) -> torch.Tensor | None:
-        """The learned row that ends a video in the LLM's input, if the model has one."""
-
-    def cache_settings(self) -> dict[str, Any]:
-        """Everything besides the model that decides the tokens (names them in the token cache)."""
-
-
-class LocalEngine:
-    """The model in this process. One lock per stage: feeds take turns, and encoding can overlap an answer."""
-
-    def __init__(self, qa: VideoQA):
-        if not qa.family.supports_video:
-            raise DymuError(f"{qa.config.model} ({qa.family.name}) answers about images only, not about feeds")
-        self.qa = qa
-        self.config = qa.config
-        self._encode_lock = threading.Lock()
-        self._answer_lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: VideoQAConfig) -> "LocalEngine":
-        from dymu.families import load_family
-
-        return cls(VideoQA(load_family(config.model, config.device, config.dtype, config.revision), config))
-
-    @torch.no_grad()
-    def encode_frames(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
-        family = self.qa.family
-        with self._encode_lock:
-            # Thresholds the model has none of yet are calibrated on the first frames, as for a first video.
-            first = np.stack([image for image in images if image.shape == images[0].shape])
-            visual = self.qa.visual_tokenizer(Media("live feed", "video", frames=first, timestamps=list(times)))
-            # One resize per frame: a feed's size can change when it reconnects.
-            pixels = torch.cat([family.frame_pixels(image[None]) for image in images])
-            merged = visual.encode_pixels(pixels)
-            config_hash = self.config.encoder_fingerprint()
-            meta = {"encoder_tokens": visual.encoder.num_positions}
-            return [compose(image.to_tokens(float(t), config_hash, meta | {"dtome_tokens": image.num_tokens}),
-                            family.frame_map(), family.project) for image, t in zip(merged, times)]
-
-    def answer(self, tokens: MergedTokens, question: str, source: str = "") -> Answer:
-        with self._answer_lock:
-            return self.qa.answer(tokens, question, source=source)
-
-    def newline(self) -> torch.Tensor | None:
-        row = self.qa.family.newline
-        return None if row is None else row.detach()
-
-    def cache_settings(self) -> dict[str, Any]:
-        visual = self.qa.visual_tokenizer()
-        dtype = next(self.qa.family.model.parameters()).dtype
-        return {"encoder": self.config.encoder_fingerprint(), "taus": visual.taus, "dtype": str(dtype)}
 
 
 # --- one feed's memory, and its chunks in Redis --------------------------------------------------------
@@ -427,15 +363,18 @@ def connect_feeds(urls: Sequence[str], options: FeedOptions) -> list[FeedReader]
 
 def open_streams(urls: Sequence[str], question: str, every_s: float = 10.0, window_s: float = 60.0,
                  token_budget: int | None = None, feed_options: FeedOptions = FeedOptions(),
-                 redis_url: str | None = None, model: str | None = None, preset: str | None = None,
-                 **overrides: Any) -> LiveStreams:
-    """Connect to ``urls``, load the model (``model``, ``preset`` and config ``overrides`` as for
-    ``VideoQA.from_pretrained``) and return the running ``LiveStreams``. ``redis_url``: keep each feed's
-    token chunks in that Redis."""
-    config = make_config(preset, model=model, **overrides)
+                 redis_url: str | None = None, engine: Engine | None = None, model: str | None = None,
+                 preset: str | None = None, **overrides: Any) -> LiveStreams:
+    """Connect to ``urls`` and return the running ``LiveStreams``.
+
+    engine: the shared encoder and LLM (e.g. a ``RayEngine``); None loads ``model`` in this process, with
+    ``preset`` and config ``overrides`` as for ``VideoQA.from_pretrained``. redis_url: keep each feed's token
+    chunks in that Redis. The feeds are connected first, so that an unreachable one fails before any loading.
+    """
+    config = make_config(preset, model=model, **overrides) if engine is None else engine.config
     readers = connect_feeds(urls, feed_options)
     try:
-        engine = LocalEngine.from_config(config)
+        engine = engine or LocalEngine.from_config(config)
         cache = TokenCache(redis_url) if redis_url else None
     except BaseException:
         for reader in readers:

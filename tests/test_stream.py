@@ -196,7 +196,8 @@ def test_two_feeds_share_one_engine_and_answer_on_demand(tiny_ov):
 
 def test_static_view_adds_far_fewer_tokens_per_second_than_a_busy_one(tiny_ov):
     from pipeline.config import make_config
-    from pipeline.stream import FeedMemory, LocalEngine
+    from pipeline.stream import FeedMemory
+    from pipeline.stream_engine import LocalEngine
     from tests.media import textured_frame
 
     engine = LocalEngine.from_config(make_config(model=str(tiny_ov), device="cpu"))
@@ -211,6 +212,34 @@ def test_static_view_adds_far_fewer_tokens_per_second_than_a_busy_one(tiny_ov):
         first = memory.state.frames[0].new_rows
         added[name] = (memory.rows_added - first) / (len(images) - 1)  # rows per second after the first frame
     assert added["busy"] > 5 * max(added["static"], 1.0), added
+
+
+def test_ray_engine_encodes_and_answers_like_the_local_one(tiny_ov, ray_local):
+    import torch
+
+    from pipeline.config import make_config
+    from pipeline.stream import FeedMemory
+    from pipeline.stream_engine import LocalEngine, RayEngine
+    from tests.media import textured_frame
+
+    config = make_config(model=str(tiny_ov), device="cpu", max_new_tokens=4)
+    local = LocalEngine.from_config(config)
+    images, times = [textured_frame(96, seed=i) for i in range(3)], [0.0, 0.5, 1.0]
+    expected = local.encode_frames(images, times)  # (calibrates the thresholds the actor then finds cached)
+    engine = RayEngine(config)
+    try:
+        encoded = engine.encode_frames(images, times)
+        for got, want in zip(encoded, expected):
+            assert torch.equal(got.mapping, want.mapping) and torch.allclose(got.embeds, want.embeds)
+            assert got.timestamps == want.timestamps
+        assert torch.equal(engine.newline(), local.newline())
+        assert engine.cache_settings() == local.cache_settings()
+        memory = FeedMemory(window_s=60, threshold=config.temporal_threshold)
+        memory.add(encoded)
+        window = memory.window(engine.newline())
+        assert engine.answer(window, "What is there?").text == local.answer(window, "What is there?").text
+    finally:
+        engine.close()
 
 
 # --- the reader ----------------------------------------------------------------------------------------

@@ -74,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--redis-stream", metavar="KEY", help="also XADD every result to this Redis stream")
     out.add_argument("--redis-maxlen", type=int, default=10000, metavar="N",
                      help="keep about this many entries in the Redis stream (default 10000)")
+    g = p.add_argument_group("where the model runs")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="run the encoder and LLM as actors on this Ray cluster (host:6379, ray://host:10001, or "
+                        "'local' for a Ray started for this run); default $DYMU_RAY_ADDRESS or $RAY_ADDRESS, "
+                        "else in this process")
     add_model_options(p)
     add_answer_options(p)
     p.set_defaults(func=run)
@@ -106,11 +111,24 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def load_engine(config: Any, ray_address: str | None) -> tuple[Any, bool]:
+    """(engine, whether this call connected to Ray): Ray actors when there is an address, else this process."""
+    from pipeline.stream_engine import LocalEngine, RayEngine
+
+    ray_address = ray_address or os.environ.get("DYMU_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not ray_address:
+        return LocalEngine.from_config(config), False
+    from pipeline.runtime import connect_ray
+
+    connected = connect_ray(ray_address)
+    return RayEngine(config), connected
+
+
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from pipeline.config import make_config
     from pipeline.ingest import FeedOptions
-    from pipeline.stream import LiveStreams, LocalEngine, connect_feeds
+    from pipeline.stream import LiveStreams, connect_feeds
     from workers.redis_server import connect_redis
     from workers.token_cache import TokenCache
 
@@ -128,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     cache = TokenCache(redis_url) if redis_url else None
     sinks = ResultSinks(args.out, connect_redis(redis_url) if args.redis_stream else None, args.redis_stream,
                         args.redis_maxlen)
-    streams, count = None, 0
+    streams, engine, ray_connected, count = None, None, False, 0
     try:
         readers = connect_feeds(args.url, options)
         try:
-            engine = LocalEngine.from_config(config)
+            engine, ray_connected = load_engine(config, args.ray_address)
         except BaseException:
             for reader in readers:
                 reader.close()
@@ -150,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if streams is not None:
             streams.close()
+        if engine is not None:
+            engine.close()
+        if ray_connected:
+            import ray
+
+            ray.shutdown()
         sinks.close()
         if cache is not None:
             cache.close()
