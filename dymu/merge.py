@@ -41,6 +41,10 @@ class TokenState:
         """Every image has the same number of rows, so the padded view is a plain reshape."""
         return len(set(self.lengths)) == 1
 
+    def merged(self) -> list[bool]:
+        """Per image: has anything merged yet (fewer rows than positions)?"""
+        return [length < self.mapping.shape[1] for length in self.lengths]
+
     def row_mask(self) -> Tensor:
         """(B, T) True where the padded view holds a real row."""
         slots = torch.arange(max(self.lengths), device=self.x.device)

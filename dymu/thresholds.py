@@ -80,7 +80,9 @@ class Thresholds:
                 f"thresholds made for {self.model_id} do not fit this model: " + "; ".join(differences)
             )
         if model_id is not None and model_id != self.model_id:
-            log.warning("thresholds were calibrated on %s, applying them to %s (same encoder shape)", self.model_id, model_id)
+            log.warning(
+                "thresholds were calibrated on %s, applying them to %s (same encoder shape)", self.model_id, model_id
+            )
         return self
 
     def to_json(self) -> dict[str, Any]:

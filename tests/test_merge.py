@@ -54,13 +54,14 @@ def test_initial_state_is_identity():
 
 
 def test_padded_and_packed_views():
-    state = _state([torch.ones(3, 2), 2 * torch.ones(1, 2)], [torch.ones(3), torch.ones(1)], torch.zeros(2, 4))
+    state = _state([torch.ones(3, 2), 2 * torch.ones(1, 2)], [torch.ones(3), torch.ones(1)], torch.zeros(2, 3, dtype=torch.long))
     padded = state.to_padded(state.x)
     assert padded.shape == (2, 3, 2)
     assert padded[:, :, 0].tolist() == [[1, 1, 1], [2, 0, 0]]
     assert torch.equal(state.to_packed(padded), state.x)
     assert state.to_padded(state.sizes).tolist() == [[1, 1, 1], [1, 0, 0]]
     assert state.offsets().tolist() == [0, 3]
+    assert state.merged() == [False, True]  # 3 positions each: image 1 stands for its with 1 row
 
 
 def test_edges_pick_the_most_similar_odd_row():
@@ -129,7 +130,8 @@ def test_merge_matches_a_reference_implementation(seed):
     assert merge.any()
 
     merged = merge_tokens(state, edges, merge)
-    for b, (x, s, m) in enumerate(zip(merged.x.split(merged.lengths), merged.sizes.split(merged.lengths), merged.mapping)):
+    per_image = zip(merged.x.split(merged.lengths), merged.sizes.split(merged.lengths), merged.mapping)
+    for b, (x, s, m) in enumerate(per_image):
         feats, new_sizes, new_mapping = _reference_merge(rows[b], sizes[b], mapping[b], edges.targets[b], merge[b])
         assert merged.lengths[b] == len(new_sizes)
         assert torch.allclose(x.double(), feats, atol=1e-6)

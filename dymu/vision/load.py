@@ -75,7 +75,9 @@ def vision_model_from(model_id: str, model: nn.Module, image_processor) -> Visio
     )
 
 
-def load_vision_model(model_id: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> VisionModel:
+def load_vision_model(
+    model_id: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"
+) -> VisionModel:
     """Load a LLaVA-OneVision or LLaVA-1.5 checkpoint (hub id or folder) and keep only its vision tower.
 
     The whole checkpoint is loaded through transformers (which knows every weight naming scheme) and the

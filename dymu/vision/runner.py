@@ -3,13 +3,13 @@
 The runner owns the forward logic; the modules own the weights. Each layer is
 
     x = x + out_proj(SDPA(q, k, v, bias))      # bias = log(size) per key once anything has merged
-    merge similar tokens (keys averaged over heads as the metric)
+    merge similar tokens (keys summed over heads as the metric)
     x = x + mlp(layer_norm2(x))
 
 which with nothing merged is exactly the stock pre-norm layer. Rows are packed (see ``dymu.merge``), so
-norms, projections and the MLP only see real tokens; attention sees each image's own tokens. A family adapter (``siglip.py``, ``clip.py``)
-only says how pixels become the first layer's input, where the layers are and how many leading tokens are
-protected.
+norms, projections and the MLP only see real tokens; attention sees each image's own tokens. A family
+adapter (``siglip.py``, ``clip.py``) only says how pixels become the first layer's input, where the layers
+are and how many leading tokens are protected.
 """
 from __future__ import annotations
 
@@ -80,7 +80,9 @@ class MergedImage:
     def num_tokens(self) -> int:
         return int(self.features.shape[0])
 
-    def to_tokens(self, timestamp: float | None = None, config_hash: str = "", meta: dict[str, Any] | None = None) -> MergedTokens:
+    def to_tokens(
+        self, timestamp: float | None = None, config_hash: str = "", meta: dict[str, Any] | None = None
+    ) -> MergedTokens:
         """As the stage contract's value, one frame (embeds are vision features, before any projector)."""
         return frames_to_tokens([self], [] if timestamp is None else [timestamp], config_hash, meta)
 
@@ -113,36 +115,41 @@ def _padding_is_cheap(lengths: list[int]) -> bool:
     return len(lengths) * max(lengths) ** 2 <= PADDED_ATTENTION_MAX_WASTE * sum(n * n for n in lengths)
 
 
-def _attend(queries: Tensor, keys: Tensor, values: Tensor, state: TokenState, sized: bool, scale: float) -> Tensor:
-    """SDPA of packed (M, H, hd) rows, each image over its own rows only; ``sized``: add log(size) to keys."""
+def _attend(queries: Tensor, keys: Tensor, values: Tensor, state: TokenState, scale: float) -> Tensor:
+    """SDPA of packed (M, H, hd) rows, each image over its own rows only.
+
+    Keys get log(size) once their image has merged; an image that has not needs no mask, and SDPA runs
+    faster without one.
+    """
+    merged = state.merged()
     if _padding_is_cheap(state.lengths):
-        bias = attention_bias(state.to_padded(state.sizes), queries.dtype) if sized or not state.uniform else None
+        needs_bias = any(merged) or not state.uniform  # the bias also masks padding
+        bias = attention_bias(state.to_padded(state.sizes), queries.dtype) if needs_bias else None
         q, k, v = (state.to_padded(t).transpose(1, 2) for t in (queries, keys, values))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return state.to_packed(out.transpose(1, 2))
     outs = []
-    for q, k, v, sizes in zip(*(t.split(state.lengths) for t in (queries, keys, values, state.sizes))):
+    for q, k, v, sizes, sized in zip(*(t.split(state.lengths) for t in (queries, keys, values, state.sizes)), merged):
         bias = attention_bias(sizes[None], q.dtype) if sized else None
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)[0].transpose(0, 1))
     return torch.cat(outs)
 
 
-def _self_attention(attn: nn.Module, state: TokenState, norm: nn.Module, sized: bool) -> tuple[Tensor, Tensor]:
+def _self_attention(attn: nn.Module, state: TokenState, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """Pre-norm attention with the module's own projections; returns its output rows and keys (M, H, hd)."""
     hidden = norm(state.x)
     queries, keys, values = (proj(hidden).unflatten(-1, (attn.num_heads, attn.head_dim))
                              for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    out = _attend(queries, keys, values, state, sized, attn.scale)
+    out = _attend(queries, keys, values, state, attn.scale)
     return attn.out_proj(out.flatten(1)), keys
 
 
 def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, policy: MergePolicy) -> TokenState:
     """Embed, then run the first ``num_layers`` layers with DToMe; returns the packed merged batch."""
     state = initial_state(parts.embed(pixel_values))
-    merged = False  # until something merges, every size is 1: no bias needed
     for index, layer in enumerate(parts.layers[:num_layers]):
-        attended, keys = _self_attention(layer.self_attn, state, layer.layer_norm1, merged)
+        attended, keys = _self_attention(layer.self_attn, state, layer.layer_norm1)
         state = dataclasses.replace(state, x=state.x + attended)
         if policy.active(index):
             # Sum rather than mean over heads: the cosine does not care about scale.
@@ -151,7 +158,6 @@ def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, polic
             merge = policy.choose(index, edges)
             if bool(merge.any()):
                 state = merge_tokens(state, edges, merge)
-                merged = True
         state = dataclasses.replace(state, x=state.x + layer.mlp(layer.layer_norm2(state.x)))
     return state
 
