@@ -368,13 +368,14 @@ def open_streams(urls: Sequence[str], question: str, every_s: float = 10.0, wind
     """Connect to ``urls`` and return the running ``LiveStreams``.
 
     engine: the shared encoder and LLM (e.g. a ``RayEngine``); None loads ``model`` in this process, with
-    ``preset`` and config ``overrides`` as for ``VideoQA.from_pretrained``. redis_url: keep each feed's token
+    ``preset`` and config ``overrides`` as for ``VideoQA.from_pretrained`` (on a CPU it then sets torch's
+    thread count so that every reader keeps a core). redis_url: keep each feed's token
     chunks in that Redis. The feeds are connected first, so that an unreachable one fails before any loading.
     """
     config = make_config(preset, model=model, **overrides) if engine is None else engine.config
     readers = connect_feeds(urls, feed_options)
     try:
-        engine = engine or LocalEngine.from_config(config)
+        engine = engine or LocalEngine.from_config(config, feeds=len(readers))
         cache = TokenCache(redis_url) if redis_url else None
     except BaseException:
         for reader in readers:

@@ -111,13 +111,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def load_engine(config: Any, ray_address: str | None) -> tuple[Any, bool]:
+def load_engine(config: Any, ray_address: str | None, feeds: int) -> tuple[Any, bool]:
     """(engine, whether this call connected to Ray): Ray actors when there is an address, else this process."""
     from pipeline.stream_engine import LocalEngine, RayEngine
 
     ray_address = ray_address or os.environ.get("DYMU_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not ray_address:
-        return LocalEngine.from_config(config), False
+        return LocalEngine.from_config(config, feeds), False
     from pipeline.runtime import connect_ray
 
     connected = connect_ray(ray_address)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         readers = connect_feeds(args.url, options)
         try:
-            engine, ray_connected = load_engine(config, args.ray_address)
+            engine, ray_connected = load_engine(config, args.ray_address, len(readers))
         except BaseException:
             for reader in readers:
                 reader.close()
