@@ -162,6 +162,26 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
 
 
 # --- the reader process --------------------------------------------------------------------------------
+class StopSignal:
+    """What a reader checks to know it must stop: the parent asked, or the parent is gone (killed), so that
+    no reader outlives the program.
+
+    A flag in shared memory rather than a ``multiprocessing.Event``: setting an Event waits for every
+    process waiting on it to wake, and waits forever for one that was killed while waiting (a hung reader
+    the watchdog killed, or one a SIGKILL to the process group reached first).
+    """
+
+    def __init__(self, context: Any):
+        self._flag = context.Value("b", 0, lock=False)
+        self._parent = os.getpid()
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value) or os.getppid() != self._parent
+
+
 class FeedStalled(Exception):
     """Packets come, frames do not."""
 
@@ -193,7 +213,7 @@ def pause(stop: Any, seconds: float, heartbeat: Any) -> None:
     deadline = time.monotonic() + seconds
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
         heartbeat.value = time.time()
-        stop.wait(min(left, _HEARTBEAT_SLICE_S))
+        time.sleep(min(left, _HEARTBEAT_SLICE_S))
 
 
 def sampled_frames(
@@ -261,7 +281,9 @@ def read_feed(url: str, options: FeedOptions, frames: Any, events: Any, stop: An
     process then ends), and ("ended", "") at the end of a file. counters: shared [sampled, dropped].
     lost_at: the last frame's time when this reader replaces one that hung (it has connected before).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    # Ctrl-C and a SIGTERM to the process group (timeout, docker stop) reach us too: the parent stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     kind = source_kind(url)
     connected = lost_at is not None
     backoff, attempts, reason = options.backoff_s, int(lost_at is not None), "the reader was restarted"
@@ -326,9 +348,9 @@ class FeedReader:
         self.restarts = 0
         self.last_frame_time: float | None = None
         self._context = mp.get_context("spawn")
-        self._frames = self._context.Queue(maxsize=options.queue_frames)
-        self._events = self._context.Queue()
-        self._stop = self._context.Event()
+        self._frames: Any = None  # the queues and stop signal of the current reader process (see start)
+        self._events: Any = None
+        self._stop: StopSignal | None = None
         self._counters = self._context.Array("q", 2, lock=False)  # written by the reader only
         self._heartbeat = self._context.Value("d", time.time(), lock=False)
         self._process: mp.process.BaseProcess | None = None
@@ -348,6 +370,10 @@ class FeedReader:
 
     def start(self, lost_at: float | None = None) -> "FeedReader":
         check_source(self.url)
+        # New channels for every process: one that was killed may have died holding a queue's lock.
+        self._frames = self._context.Queue(maxsize=self.options.queue_frames)
+        self._events = self._context.Queue()
+        self._stop = StopSignal(self._context)
         self._heartbeat.value = time.time() + _START_GRACE_S
         self._process = self._context.Process(
             target=read_feed, name=f"dymu-feed-{self.name}", daemon=True,
@@ -391,19 +417,19 @@ class FeedReader:
         return found
 
     def close(self) -> None:
-        """Stop the reader and wait for its process to end (terminate, then kill, if it does not)."""
-        self._stop.set()
+        """Stop the reader and wait for its process to end (killed if it does not within the connect timeout)."""
         process, self._process = self._process, None
         if process is not None:
+            self._stop.set()
             process.join(timeout=1.0 + self.options.connect_timeout_s)
             if process.is_alive():
-                log.warning("reader for %s did not stop, terminating it", self.name)
-                process.terminate()
-                process.join(timeout=2.0)
-            if process.is_alive():
+                log.warning("reader for %s did not stop, killing it", self.name)
                 process.kill()
                 process.join()
             process.close()
+            self._close_channels()
+
+    def _close_channels(self) -> None:
         for channel in (self._frames, self._events):
             channel.cancel_join_thread()
             channel.close()
@@ -433,7 +459,7 @@ class FeedReader:
                 self._handle(*self._events.get_nowait())
             except queue.Empty:
                 break
-        if self._process is None or self.ended or self._stop.is_set():
+        if self._process is None or self.ended:
             return
         silent = time.time() - self._heartbeat.value
         hang_limit = self.options.connect_timeout_s + self.options.stall_timeout_s + _HANG_GRACE_S
@@ -444,5 +470,6 @@ class FeedReader:
         self._process.kill()
         self._process.join()
         self._process.close()
+        self._close_channels()
         self.restarts += 1
         self.start(lost_at=self.last_frame_time or time.time())

@@ -2,9 +2,10 @@
 
     with open_streams(["rtsp://cam/stream1", "udp://127.0.0.1:5000"], "Describe what changed.",
                       every_s=10, window_s=60, model="llava-hf/llava-onevision-qwen2-0.5b-ov-hf") as streams:
-        for result in streams:              # one StreamResult per feed every 10 s of feed
+        for result in streams:              # one StreamResult per feed every 10 s of feed, until Ctrl-C
             print(result.to_text())
-        streams.ask("Is anyone at the door?")   # on demand, over the current windows
+            if "door" in result.answer:     # on demand, now, over each feed's window (any thread may ask)
+                print(streams.ask("Is anyone at the door?")[0].answer)
 
 Each feed has its own reader process (``pipeline.ingest``) and its own token memory (``dymu.memory``); the
 feeds share one engine (encoder and LLM). Frames are encoded one batch per feed as they arrive, merged into
@@ -255,16 +256,15 @@ class LiveStreams:
         self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[StreamResult]:
-        idle = False
+        # Waiting on one feed for its next frame returns as soon as it comes; the feeds share 0.1 s.
+        wait_s = 0.1 / len(self.feeds)
         while not all(feed.done for feed in self.feeds):
-            idle_before, idle = idle, True
             for feed in self.feeds:
                 if feed.done:
                     continue
                 with self._lock:
-                    result = self._step(feed, wait_s=0.1 / len(self.feeds) if idle_before else 0.0)
+                    result = self._step(feed, wait_s)
                 if result is not None:
-                    idle = False
                     yield result
 
     def ask(self, question: str, feed: str | None = None) -> list[StreamResult]:

@@ -71,8 +71,10 @@ class Command:
 
     def __init__(self, *args: str):
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # Its own process group, so that a signal can go to the group, as a terminal's Ctrl-C does.
         self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stream", *args], cwd=REPO, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -149,7 +151,7 @@ def test_stream_command_answers_on_schedule_survives_a_cut_and_stops_on_ctrl_c(t
 
         children = command.descendants()
         assert children, "the feed reader runs in its own process"
-        command.process.send_signal(signal.SIGINT)
+        os.killpg(command.process.pid, signal.SIGINT)  # Ctrl-C: the readers get it too
         assert command.process.wait(timeout=20) == 0
         assert "stopped after" in command.process.stderr.read()
         deadline = time.monotonic() + 10
@@ -288,6 +290,42 @@ def test_a_hung_reader_process_is_replaced_and_the_gap_reported(feed_port, monke
             gaps = [frame.gap for frame in reader.frames(timeout=0.5) if frame.gap is not None]
         assert reader.restarts == 1 and reader.pid != hung and not alive(hung)
         assert gaps and gaps[0].seconds >= 2.0 and "restarted" in gaps[0].reason
+
+
+def test_a_reader_never_outlives_its_program(feed_port):
+    """Killed with SIGKILL, the program cannot stop its readers: they notice and stop themselves."""
+    program = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.ingest import FeedReader; "
+         "reader = FeedReader(sys.argv[1]).start(); print(reader.pid, flush=True); time.sleep(120)",
+         f"udp://127.0.0.1:{feed_port}"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        reader = int(program.stdout.readline())
+        time.sleep(1.0)
+        program.kill()
+        program.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while alive(reader) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(reader)
+    finally:
+        stop(program)
+
+
+def test_closing_after_a_reader_was_killed_or_signalled_does_not_hang(feed_port):
+    options = FeedOptions(sample_fps=2, connect_timeout_s=2, stall_timeout_s=2)
+    with FeedReader(f"udp://127.0.0.1:{feed_port}", options) as reader:
+        reader.wait_connected()
+        os.kill(reader.pid, signal.SIGTERM)  # a SIGTERM to the process group: the parent decides, not the reader
+        time.sleep(0.5)
+        assert alive(reader.pid)
+        killed = reader.pid
+        os.kill(killed, signal.SIGKILL)  # killed in the middle of whatever it was doing
+        deadline = time.monotonic() + 10
+        while reader.restarts == 0 and time.monotonic() < deadline:
+            reader.frames(timeout=0.2)  # the watchdog sees it died and starts another
+        assert reader.restarts == 1 and reader.pid != killed
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
 
 
 def test_sampler_keeps_a_steady_rate_and_restarts_after_a_pause():
