@@ -5,6 +5,14 @@ the same across frames, VTU lets the LLM compute as if nothing was merged, and p
 visual KV entries while an answer is written. Nothing here knows about Ray or Redis.
 """
 from dymu.errors import DymuError
-from dymu.tokens import InvalidTokens, MergedTokens
 
-__all__ = ["DymuError", "MergedTokens", "InvalidTokens"]
+__all__ = ["DymuError", "InvalidTokens", "MergedTokens"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import dymu.errors` (e.g. in a feed-reader process) does not pull in torch.
+    if name in ("MergedTokens", "InvalidTokens"):
+        from dymu import tokens
+
+        return getattr(tokens, name)
+    raise AttributeError(f"module 'dymu' has no attribute {name!r}")
