@@ -30,11 +30,37 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def patch_change(a: torch.Tensor, b: torch.Tensor, patch: int) -> float:
+    """The largest mean absolute difference of two (3, H, W) frames over ``patch`` x ``patch`` squares.
+
+    Sensor noise averages out within a square while a change as small as one patch stands out, which a
+    whole-frame mean would dilute."""
+    diff = (a - b).abs().mean(dim=0, keepdim=True)
+    return float(torch.nn.functional.avg_pool2d(diff, patch).max())
+
+
+def reused_frames(pixels: torch.Tensor, threshold: float, patch: int = 14) -> list[int]:
+    """For each frame, the frame whose encoder output it uses: itself, or the last encoded frame when no
+    patch changed by more than ``threshold`` since (``patch_change``). Comparing with the last *encoded*
+    frame, not the previous one, means a slow drift still triggers a new encoding."""
+    source = [0] * len(pixels)
+    last = 0
+    for t in range(1, len(pixels)):
+        if threshold <= 0 or patch_change(pixels[t], pixels[last], patch) > threshold:
+            last = t
+        source[t] = last
+    return source
+
+
 class VisualTokenizer:
     """Turns frames or an image into LLM-side merged tokens for one model.
 
     taus: DToMe thresholds per encoder layer, or None for the stock encoder (nothing merged).
     temporal_threshold: cosine above which a token merges with the previous frame's (>= 1.0: off).
+    reuse_threshold: a video frame none of whose patches changed by more than this since the last encoded
+        frame (mean absolute difference of normalised pixels over a patch) reuses that frame's encoder
+        output instead of running the encoder again; 0 = encode every frame. A static camera then costs
+        about one encoder pass.
     batch_size: frames per encoder call (bounds memory on long videos).
     """
 
@@ -43,11 +69,13 @@ class VisualTokenizer:
         family: VLMFamily,
         taus: Sequence[float] | None,
         temporal_threshold: float = 1.0,
+        reuse_threshold: float = 0.0,
         batch_size: int = 8,
     ):
         self.family = family
         self.taus = None if taus is None else list(taus)
         self.temporal_threshold = temporal_threshold
+        self.reuse_threshold = reuse_threshold
         self.batch_size = batch_size
         drop_cls = getattr(family.config, "vision_feature_select_strategy", "full") == "default"
         self.encoder = DToMeEncoder(family.vision_tower, taus, family.feature_layer, drop_cls=drop_cls)
@@ -70,13 +98,18 @@ class VisualTokenizer:
         its patches a little differently from frame to frame. The model's newline ends the video.
         """
         started = time.perf_counter()
-        images = self.encode_pixels(self.family.frame_pixels(frames))
+        pixels = self.family.frame_pixels(frames)
+        source = reused_frames(pixels, self.reuse_threshold, self.family.config.vision_config.patch_size)
+        keys = sorted(set(source))
+        encoded_keys = dict(zip(keys, self.encode_pixels(pixels[keys])))
+        images = [encoded_keys[s] for s in source]
         _synchronize(self.device)
         encoded = time.perf_counter()
         frame_map = self.family.frame_map()
         per_frame = [compose(image.to_tokens(), frame_map, self.family.project) for image in images]
         tokens = merge_frames(per_frame, self.temporal_threshold)
         stages = {
+            "encoded_frames": len(keys),
             "layout_rows_per_frame": [frame.num_unique for frame in per_frame],
             "temporal_rows_per_frame": tokens.rows_per_frame(),
         }
@@ -99,7 +132,8 @@ class VisualTokenizer:
                          self.family.newline)
         tokens.positions_per_frame = [tokens.num_positions]
         _synchronize(self.device)
-        stages = {"layout_rows_per_frame": [tokens.num_unique], "temporal_rows_per_frame": [tokens.num_unique]}
+        stages = {"encoded_frames": len(images), "layout_rows_per_frame": [tokens.num_unique],
+                  "temporal_rows_per_frame": [tokens.num_unique]}
         return self._finish(tokens, images, stages, started, encoded)
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[MergedImage]:

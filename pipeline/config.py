@@ -36,6 +36,8 @@ class VideoQAConfig:
     thresholds: a thresholds JSON from `dymu-video calibrate`; None = the bundled or cached file for this
         model and preset, calibrated on the first video's frames when there is none.
     temporal_threshold: cosine above which a token merges with the previous frame's; >= 1.0 turns it off.
+    reuse_threshold: a frame none of whose patches changed by more than this since the last encoded frame
+        (mean absolute difference of normalised pixels over a patch) reuses its encoder output; 0 = off.
     vtu: every merged position keeps its own RoPE index (virtual unmerging); False = merged rows at
         consecutive positions.
     max_new_tokens / temperature / top_p: the answer; temperature 0 = greedy.
@@ -55,6 +57,7 @@ class VideoQAConfig:
     keep: int | None = None
     thresholds: str | None = None
     temporal_threshold: float = 0.9
+    reuse_threshold: float = 0.0
     vtu: bool = True
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -105,7 +108,7 @@ class VideoQAConfig:
     def encoder_fingerprint(self) -> str:
         """A short hash of every option that changes the visual tokens (for caches and reports)."""
         keys = ("model", "revision", "num_frames", "fps", "max_frames", "dtome", "keep_fraction", "keep",
-                "thresholds", "temporal_threshold", "dtype")
+                "thresholds", "temporal_threshold", "reuse_threshold", "dtype")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

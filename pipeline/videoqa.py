@@ -118,7 +118,7 @@ class VideoQA:
                 raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
             pixels = self.family.frame_pixels(media.frames) if media.kind == "video" else self.family.image_pixels(media.image)[0]
             thresholds = calibrate_and_cache(config.model, probe.encoder, keep, pixels, media.source)
-        self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold)
+        self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold, config.reuse_threshold)
         return self._visual
 
     # --- stage 3: the answer ---------------------------------------------------------------------------
@@ -152,6 +152,7 @@ def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dic
         "timestamps": tokens.timestamps,
         "tokens": {
             "encoder_per_frame": stages["encoder_tokens_per_frame"],
+            "encoded_frames": stages.get("encoded_frames", tokens.meta["frames"]),
             "dtome_per_frame": dtome,
             "llm_rows_per_frame": stages["layout_rows_per_frame"],
             "temporal_new_per_frame": temporal,
@@ -179,7 +180,8 @@ def format_report(report: dict[str, Any]) -> str:
     temporal = t["temporal_new_per_frame"]
     encoder_total = t["encoder_per_frame"] * frames
     lines = [
-        f"{report['kind']}: {frames} frame(s) sampled, preset {report['preset']}",
+        f"{report['kind']}: {frames} frame(s) sampled ({t['encoded_frames']} run through the encoder),"
+        f" preset {report['preset']}",
         f"visual tokens: {encoder_total} from the encoder ({t['encoder_per_frame']}/frame)"
         f" -> {sum(dtome)} after DToMe ({sum(dtome) / frames:.0f}/frame)"
         f" -> {sum(t['llm_rows_per_frame'])} LLM rows after projector and pooling"

@@ -70,6 +70,8 @@ def test_static_video_costs_far_fewer_tokens_than_a_changing_one(qa_mid, videos)
     changing_rows = sum(changing.meta["stages"]["temporal_rows_per_frame"])
     assert static_rows < 0.4 * changing_rows
     assert static.num_unique < changing.num_unique  # fewer LLM rows too
+    assert static.meta["stages"]["encoded_frames"] == 1  # the others reuse the first frame's encoding
+    assert changing.meta["stages"]["encoded_frames"] == 8
     assert static.num_positions == changing.num_positions == 8 * 196 + 1  # same virtual length
 
 
@@ -86,7 +88,7 @@ def test_ask_cli_streams_the_answer_then_a_report(tiny_ov, videos, capsys):
                "--max-new-tokens", "6"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "4 frame(s) sampled, preset mid" in out
+    assert "4 frame(s) sampled" in out and "preset mid" in out
     assert "after DToMe" in out and "after temporal merging" in out and "virtual positions" in out
 
 
