@@ -59,6 +59,54 @@ class VLMFamily(Protocol):
     def prompt(self, question: str, kind: str) -> Prompt: ...
 
 
+class LlavaParts:
+    """Where every LLaVA-style checkpoint in transformers keeps its parts (``model.model.*``, ``lm_head``),
+    and how it is loaded: the part the family adapters share."""
+
+    model_class: str = ""  # the transformers class that loads the whole checkpoint
+
+    def __init__(self, model_id: str, model: torch.nn.Module, tokenizer: Any, image_processor: Any,
+                 revision: str | None = None):
+        self.model_id = model_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.revision = revision
+
+    @classmethod
+    def load(cls, model_id: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        model = load_pretrained(getattr(transformers, cls.model_class), model_id, revision, dtype=dtype)
+        tokenizer = load_pretrained(AutoTokenizer, model_id, revision)
+        image_processor = load_pretrained(AutoImageProcessor, model_id, revision)
+        return cls(model_id, model.to(device).eval(), tokenizer, image_processor, revision)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def feature_layer(self) -> int:
+        return self.config.vision_feature_layer
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+
 def resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     """``auto`` picks CUDA with bf16 when there is a GPU and CPU with fp32 otherwise."""
     if device in (None, "auto"):

@@ -6,35 +6,20 @@ import torch
 from PIL import Image
 
 from dymu.errors import DymuError
-from dymu.families.base import Prompt, chat_template, load_pretrained, split_prompt
+from dymu.families.base import LlavaParts, Prompt, chat_template, split_prompt
 from dymu.layout import PositionMap, identity_map
 
 
-class LlavaFamily:
+class LlavaFamily(LlavaParts):
     name = "llava"
     supports_video = False
+    model_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model_id: str, model: torch.nn.Module, tokenizer, image_processor, revision: str | None = None):
-        self.model_id = model_id
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(model_id, model, tokenizer, image_processor, revision)
         self._template = chat_template(model_id, tokenizer, revision)
         if model.config.vision_feature_select_strategy != "default":
             raise DymuError("only LLaVA checkpoints that drop CLS (vision_feature_select_strategy='default') are supported")
-
-    @classmethod
-    def load(cls, model_id: str, device: torch.device, dtype: torch.dtype, revision: str | None = None) -> "LlavaFamily":
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
-        model = load_pretrained(LlavaForConditionalGeneration, model_id, revision, dtype=dtype)
-        tokenizer = load_pretrained(AutoTokenizer, model_id, revision)
-        image_processor = load_pretrained(AutoImageProcessor, model_id, revision)
-        return cls(model_id, model.to(device).eval(), tokenizer, image_processor, revision)
-
-    @property
-    def config(self):
-        return self.model.config
 
     @property
     def num_patches(self) -> int:
@@ -42,27 +27,8 @@ class LlavaFamily:
         return (vision.image_size // vision.patch_size) ** 2
 
     @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def feature_layer(self) -> int:
-        return self.config.vision_feature_layer
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
-
-    @property
     def newline(self) -> None:
         return None
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
 
     def frame_pixels(self, frames: np.ndarray) -> torch.Tensor:
         raise DymuError("LLaVA-1.5 answers about images only; use a LLaVA-OneVision model for video")

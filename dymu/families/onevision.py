@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dymu.families.base import (
+    LlavaParts,
     Prompt,
     chat_template,
-    load_pretrained,
     normalize_frames,
     read_config_file,
     split_prompt,
@@ -22,34 +22,19 @@ from dymu.layout import PositionMap, probe_position_map
 log = logging.getLogger(__name__)
 
 
-class OneVisionFamily:
+class OneVisionFamily(LlavaParts):
     name = "llava-onevision"
     supports_video = True
+    model_class = "LlavaOnevisionForConditionalGeneration"
 
     def __init__(self, model_id: str, model: torch.nn.Module, tokenizer, image_processor, revision: str | None = None):
-        self.model_id = model_id
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(model_id, model, tokenizer, image_processor, revision)
         self._template = chat_template(model_id, tokenizer, revision)
         video_cfg = json.loads(read_config_file(model_id, "video_preprocessor_config.json", revision) or "{}")
         size = video_cfg.get("size") or {"height": self.image_size, "width": self.image_size}
         self._video_size = (int(size["height"]), int(size["width"]))
         self._video_mean = list(video_cfg.get("image_mean") or image_processor.image_mean)
         self._video_std = list(video_cfg.get("image_std") or image_processor.image_std)
-
-    @classmethod
-    def load(cls, model_id: str, device: torch.device, dtype: torch.dtype, revision: str | None = None) -> "OneVisionFamily":
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-        model = load_pretrained(LlavaOnevisionForConditionalGeneration, model_id, revision, dtype=dtype)
-        tokenizer = load_pretrained(AutoTokenizer, model_id, revision)
-        image_processor = load_pretrained(AutoImageProcessor, model_id, revision)
-        return cls(model_id, model.to(device).eval(), tokenizer, image_processor, revision)
-
-    @property
-    def config(self):
-        return self.model.config
 
     @property
     def image_size(self) -> int:
@@ -60,27 +45,8 @@ class OneVisionFamily:
         return self.image_size // self.config.vision_config.patch_size
 
     @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def feature_layer(self) -> int:
-        return self.config.vision_feature_layer
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
-
-    @property
     def newline(self) -> torch.Tensor:
         return self.model.model.image_newline
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
 
     def frame_pixels(self, frames: np.ndarray) -> torch.Tensor:
         """Video frames as the model's video processor prepares them: a square resize and normalisation."""

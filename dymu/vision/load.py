@@ -17,17 +17,12 @@ from PIL import Image
 from torch import nn
 
 from dymu.errors import DymuError
+from dymu.families import FAMILIES
 from dymu.families.base import load_pretrained, normalize_frames, resolve_device_dtype
 from dymu.frames import MediaNotFound, load_image, media_kind, read_video_frames
 from dymu.vision.encoder import DToMeEncoder
 
 log = logging.getLogger(__name__)
-
-# config.model_type -> the transformers class that loads the whole checkpoint
-_LLAVA_CLASSES = {
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava": "LlavaForConditionalGeneration",
-}
 
 # Files a directory given as data contributes (a file named explicitly is probed whatever its name).
 _MEDIA_SUFFIXES = {
@@ -91,10 +86,10 @@ def load_vision_model(
         config = load_pretrained(AutoConfig, model_id)
     except ValueError as exc:  # a folder with a config.json that is not a model's
         raise DymuError(f"{model_id} is not a Hugging Face model checkpoint ({exc})") from exc
-    class_name = _LLAVA_CLASSES.get(config.model_type)
-    if class_name is None:
+    family = FAMILIES.get(config.model_type)
+    if family is None:
         raise DymuError(f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision and LLaVA-1.5")
-    model = load_pretrained(getattr(transformers, class_name), model_id, dtype=dtype)
+    model = load_pretrained(getattr(transformers, family.model_class), model_id, dtype=dtype)
     image_processor = load_pretrained(AutoImageProcessor, model_id)
     vision = vision_model_from(model_id, model, image_processor)
     del model
