@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dymu.layout import append_learned_row
-from dymu.temporal import match_previous
+from dymu.temporal import absorb, match_previous
 from dymu.tokens import InvalidTokens, MergedTokens
 
 
@@ -111,11 +111,7 @@ def append_frame(memory: TokenMemory | None, frame: MergedTokens, threshold: flo
 
     embeds, sizes = memory.embeds.clone(), memory.sizes.clone()
     merged = target >= 0
-    rows, slot = torch.unique(target[merged], return_inverse=True)
-    total = embeds[rows] * sizes[rows].to(work_dtype).unsqueeze(1)
-    total.index_add_(0, slot, new_embeds[merged] * new_sizes[merged].to(work_dtype).unsqueeze(1))
-    sizes.index_add_(0, target[merged], new_sizes[merged])
-    embeds[rows] = total / sizes[rows].to(work_dtype).unsqueeze(1)
+    absorb(embeds, sizes, target[merged], new_embeds[merged], new_sizes[merged])
 
     kept = ~merged
     num_kept = int(kept.sum())

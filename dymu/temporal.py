@@ -58,6 +58,20 @@ def match_previous(
     return score, best
 
 
+def absorb(
+    embeds: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, new_embeds: torch.Tensor, new_sizes: torch.Tensor
+) -> None:
+    """In place: rows ``target[i]`` of (embeds, sizes) absorb new row i (size-weighted mean, sizes add).
+
+    Several new rows may go into one target; each target's mean is taken over all of them at once.
+    """
+    rows, slot = torch.unique(target, return_inverse=True)
+    total = embeds[rows] * sizes[rows].to(embeds.dtype).unsqueeze(1)
+    total.index_add_(0, slot, new_embeds * new_sizes.to(embeds.dtype).unsqueeze(1))
+    sizes.index_add_(0, target, new_sizes)
+    embeds[rows] = total / sizes[rows].to(embeds.dtype).unsqueeze(1)
+
+
 def merge_frames(frames: Sequence[MergedTokens], threshold: float, spatial: bool = True) -> MergedTokens:
     """Merge a video's per-frame tokens across time into one ``MergedTokens`` over all frames' positions.
 
@@ -88,11 +102,7 @@ def merge_frames(frames: Sequence[MergedTokens], threshold: float, spatial: bool
             target = torch.where(score > threshold, prev_rows[best], target)
 
         merged = target >= 0
-        rows, slot = torch.unique(target[merged], return_inverse=True)
-        total = embeds[rows] * sizes[rows].to(work_dtype).unsqueeze(1)
-        total.index_add_(0, slot, new_embeds[merged] * new_sizes[merged].to(work_dtype).unsqueeze(1))
-        sizes.index_add_(0, target[merged], new_sizes[merged])
-        embeds[rows] = total / sizes[rows].to(work_dtype).unsqueeze(1)
+        absorb(embeds, sizes, target[merged], new_embeds[merged], new_sizes[merged])
 
         kept = ~merged
         num_kept = int(kept.sum())
