@@ -42,6 +42,8 @@ _START_GRACE_S = 20.0
 # The parent restarts a reader that has not beaten for its connect plus stall timeouts plus this much.
 _HANG_GRACE_S = 10.0
 _HEARTBEAT_SLICE_S = 0.25
+# The longest the parent waits for the queue's lock when it asks for frames without a timeout.
+_LOCK_WAIT_S = 0.1
 
 
 class FeedUnavailable(DymuError):
@@ -328,6 +330,23 @@ def read_feed(url: str, options: FeedOptions, frames: Any, events: Any, stop: An
 
 
 # --- the parent's end ----------------------------------------------------------------------------------
+def take_waiting(frames: Any, limit: int, timeout: float = 0.0) -> list[Any]:
+    """Up to ``limit`` items from the bounded queue, after at most ``timeout`` seconds for the first.
+
+    The first is never taken with ``get_nowait``: that fails at once while the reader holds the queue's
+    lock to drop its oldest frame, which a reader behind a full queue does for every frame, so frames
+    that are waiting would look like none. The rest may stay for the next call.
+    """
+    found = []
+    try:
+        found.append(frames.get(timeout=max(timeout, _LOCK_WAIT_S)))
+        while len(found) < limit:
+            found.append(frames.get_nowait())
+    except queue.Empty:
+        pass
+    return found
+
+
 class FeedReader:
     """One feed's reader process and the pipeline's end of its queue.
 
@@ -405,13 +424,7 @@ class FeedReader:
         Also runs the parent's watchdog, so call it regularly.
         """
         self._check_health()
-        found: list[Frame] = []
-        try:
-            found.append(self._frames.get(timeout=timeout) if timeout > 0 else self._frames.get_nowait())
-            while len(found) < self.options.queue_frames:
-                found.append(self._frames.get_nowait())
-        except queue.Empty:
-            pass
+        found = take_waiting(self._frames, self.options.queue_frames, timeout)
         if found:
             self.last_frame_time = found[-1].time
         return found

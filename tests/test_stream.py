@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import queue
 import signal
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 
 from pipeline.commands.stream import parse_duration
-from pipeline.ingest import FeedOptions, FeedReader, FeedUnavailable, Sampler, open_options, source_kind
+from pipeline.ingest import (FeedOptions, FeedReader, FeedUnavailable, Sampler, offer_dropping_oldest, open_options,
+                             source_kind, take_waiting)
 from pipeline.sample_media import scene_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,6 +274,30 @@ def test_a_slow_pipeline_drops_the_oldest_frames(tmp_path):
         while not reader.ended and time.monotonic() < deadline:
             reader.frames(timeout=0.2)
         assert reader.ended and reader.sampled <= 80
+
+
+def offer_until_stopped(frames, stop) -> None:
+    """A reader far ahead of its pipeline: the queue stays full and every offer drops the oldest."""
+    count = 0
+    while not stop.value:
+        count += 1
+        offer_dropping_oldest(frames, count)
+
+
+def test_frames_waiting_behind_a_reader_that_is_dropping_are_still_taken():
+    context = multiprocessing.get_context("spawn")
+    frames, stop = context.Queue(maxsize=3), context.Value("b", 0)
+    reader = context.Process(target=offer_until_stopped, args=(frames, stop), daemon=True)
+    reader.start()
+    try:
+        while frames.empty():
+            time.sleep(0.05)
+        taken = [take_waiting(frames, limit=3) for _ in range(100)]
+        assert all(1 <= len(found) <= 3 for found in taken)  # the queue was never empty
+        assert all(later[0] > earlier[-1] for earlier, later in zip(taken, taken[1:]))  # in order, newer each time
+    finally:
+        stop.value = 1
+        reader.join(timeout=10)
 
 
 def test_a_hung_reader_process_is_replaced_and_the_gap_reported(feed_port, monkeypatch):
