@@ -333,13 +333,14 @@ def read_feed(url: str, options: FeedOptions, frames: Any, events: Any, stop: An
 def take_waiting(frames: Any, limit: int, timeout: float = 0.0) -> list[Any]:
     """Up to ``limit`` items from the bounded queue, after at most ``timeout`` seconds for the first.
 
-    The first is never taken with ``get_nowait``: that fails at once while the reader holds the queue's
-    lock to drop its oldest frame, which a reader behind a full queue does for every frame, so frames
-    that are waiting would look like none. The rest may stay for the next call.
+    The first is never taken with ``get_nowait`` (no timeout waits a moment instead): that fails at once
+    while the reader holds the queue's lock to drop its oldest frame, which a reader behind a full queue
+    does for every frame, so frames that are waiting would look like none. The rest may stay for the
+    next call.
     """
     found = []
     try:
-        found.append(frames.get(timeout=max(timeout, _LOCK_WAIT_S)))
+        found.append(frames.get(timeout=timeout if timeout > 0 else _LOCK_WAIT_S))
         while len(found) < limit:
             found.append(frames.get_nowait())
     except queue.Empty:
