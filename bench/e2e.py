@@ -22,9 +22,9 @@ import torch
 
 from dymu.families import load_family
 from dymu.tiny import TinySizes, make_tiny_checkpoint
-from pipeline.config import make_config
+from dymu.config import make_config
 from pipeline.sample_media import write_scene_video
-from pipeline.videoqa import VideoQA
+from dymu.videoqa import VideoQA
 
 FULL = TinySizes(vision_width=1152, vision_layers=26, vision_heads=16, vision_mlp=4304,
                  text_width=896, text_layers=24, text_heads=14, text_kv_heads=2, text_mlp=4864, vocab_size=1024)

@@ -33,7 +33,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import ray  # noqa: E402
 
 from dymu.tiny import TinySizes, make_tiny_checkpoint  # noqa: E402
-from pipeline.config import make_config  # noqa: E402
+from dymu.config import make_config  # noqa: E402
 from pipeline.jobs import Job, Pipeline  # noqa: E402
 from pipeline.runtime import open_runtime  # noqa: E402
 from pipeline.sample_media import write_scene_video  # noqa: E402

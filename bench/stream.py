@@ -35,7 +35,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import numpy as np  # noqa: E402
 
 from dymu.tiny import TinySizes, make_tiny_checkpoint  # noqa: E402
-from pipeline.config import make_config  # noqa: E402
+from dymu.config import make_config  # noqa: E402
 from pipeline.ingest import FeedOptions  # noqa: E402
 from pipeline.sample_media import scene_frames, write_video  # noqa: E402
 from pipeline.stream import ChunkStore, FeedMemory, open_streams  # noqa: E402

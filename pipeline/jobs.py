@@ -27,8 +27,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dymu.errors import DymuError
-from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Answer
+from dymu.config import VideoQAConfig
+from dymu.videoqa import Answer
 from workers.cache_worker import CacheWorker
 from workers.frame_decoder import FrameDecoder
 from workers.llm_worker import LLMWorker

@@ -32,7 +32,7 @@ from dymu.layout import append_learned_row
 from dymu.memory import TokenMemory, append_frame, assemble, evict
 from dymu.temporal import merge_frames
 from dymu.tokens import MergedTokens
-from pipeline.config import make_config
+from dymu.config import make_config
 from pipeline.ingest import FeedOptions, FeedReader, Gap
 from pipeline.stream_engine import Engine, LocalEngine
 from workers.redis_server import CacheUnavailable

@@ -17,8 +17,8 @@ import torch
 from dymu.errors import DymuError
 from dymu.layout import compose
 from dymu.tokens import MergedTokens
-from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Answer, Media, VideoQA
+from dymu.config import VideoQAConfig
+from dymu.videoqa import Answer, Media, VideoQA
 from workers.llm_worker import LLMWorker
 from workers.vision_encoder import VisionEncoder
 

@@ -8,7 +8,7 @@ import torch
 
 from media import audio_only_file, changing_video, empty_video, flat_video, static_video, textured_image, truncated_copy
 from pipeline.cli import main
-from pipeline.videoqa import VideoQA
+from dymu.videoqa import VideoQA
 
 
 @pytest.fixture(autouse=True)

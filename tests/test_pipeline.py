@@ -8,9 +8,9 @@ import ray
 import torch
 
 from media import changing_video, static_video, truncated_copy
-from pipeline.config import make_config
+from dymu.config import make_config
 from pipeline.jobs import Job, Pipeline, plan_resources
-from pipeline.videoqa import VideoQA
+from dymu.videoqa import VideoQA
 from workers.redis_server import EmbeddedRedis
 from workers.token_cache import TokenCache, content_hash, token_cache_key
 

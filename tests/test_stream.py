@@ -211,7 +211,7 @@ def test_two_feeds_share_one_engine_and_answer_on_demand(tiny_ov):
 
 
 def test_static_view_adds_far_fewer_tokens_per_second_than_a_busy_one(tiny_ov):
-    from pipeline.config import make_config
+    from dymu.config import make_config
     from pipeline.stream import FeedMemory
     from pipeline.stream_engine import LocalEngine
     from tests.media import textured_frame
@@ -233,7 +233,7 @@ def test_static_view_adds_far_fewer_tokens_per_second_than_a_busy_one(tiny_ov):
 def test_ray_engine_encodes_and_answers_like_the_local_one(tiny_ov, ray_local):
     import torch
 
-    from pipeline.config import make_config
+    from dymu.config import make_config
     from pipeline.stream import FeedMemory
     from pipeline.stream_engine import LocalEngine, RayEngine
     from tests.media import textured_frame

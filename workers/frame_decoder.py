@@ -11,8 +11,8 @@ from typing import Any
 
 import ray
 
-from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Media, read_media
+from dymu.config import VideoQAConfig
+from dymu.videoqa import Media, read_media
 from workers.metrics import pipeline_metrics
 from workers.token_cache import content_hash
 

@@ -13,8 +13,8 @@ from typing import Iterator
 import ray
 
 from dymu.tokens import MergedTokens
-from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Answer
+from dymu.config import VideoQAConfig
+from dymu.videoqa import Answer
 from workers.metrics import pipeline_metrics
 from workers.vision_encoder import load_videoqa
 

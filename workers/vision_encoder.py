@@ -14,8 +14,8 @@ import torch
 from dymu.errors import DymuError
 from dymu.families import load_family
 from dymu.tokens import MergedTokens
-from pipeline.config import VideoQAConfig
-from pipeline.videoqa import Media, VideoQA
+from dymu.config import VideoQAConfig
+from dymu.videoqa import Media, VideoQA
 from workers.metrics import pipeline_metrics
 
 

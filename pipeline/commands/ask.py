@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import DEFAULT_MODEL, PRESETS
+from dymu.config import DEFAULT_MODEL, PRESETS
 from pipeline.runtime import add_runtime_options
 
 
@@ -88,10 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.frames import media_kind
-    from pipeline.config import make_config
+    from dymu.config import make_config
     from pipeline.jobs import Pipeline
     from pipeline.runtime import runtime_from_args
-    from pipeline.videoqa import format_report
+    from dymu.videoqa import format_report
     from workers.frame_decoder import family_supports_video
 
     # Bad input fails before anything starts: a missing or unreadable file, a checkpoint that is not there,

@@ -84,7 +84,7 @@ def caption_record(result: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
-    from pipeline.config import make_config
+    from dymu.config import make_config
     from pipeline.inputs import expand_inputs
     from pipeline.jobs import Job
     from pipeline.jsonl import JsonlFile

@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dymu.tiny import make_tiny_checkpoint
     from pipeline.sample_media import write_scene_video
-    from pipeline.thresholds_store import cache_dir
-    from pipeline.videoqa import VideoQA, format_report
+    from dymu.thresholds_store import cache_dir
+    from dymu.videoqa import VideoQA, format_report
 
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "demo"
     workdir.mkdir(parents=True, exist_ok=True)

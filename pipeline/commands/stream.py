@@ -126,7 +126,7 @@ def load_engine(config: Any, ray_address: str | None, feeds: int) -> tuple[Any, 
 
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
-    from pipeline.config import make_config
+    from dymu.config import make_config
     from pipeline.ingest import FeedOptions
     from pipeline.stream import LiveStreams, connect_feeds
     from workers.redis_server import connect_redis

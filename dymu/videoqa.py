@@ -24,8 +24,8 @@ from dymu.families import VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
 from dymu.visual import VisualTokenizer
-from pipeline.config import VideoQAConfig, make_config
-from pipeline.thresholds_store import calibrate_and_cache, find_thresholds
+from dymu.config import VideoQAConfig, make_config
+from dymu.thresholds_store import calibrate_and_cache, find_thresholds
 
 log = logging.getLogger(__name__)
 
