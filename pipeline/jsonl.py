@@ -18,19 +18,33 @@ from dymu.errors import DymuError
 log = logging.getLogger(__name__)
 
 
-def _drop_partial_tail(fd: int, path: Path) -> bytes:
-    """The file's complete lines; a partial last line (an interrupted write) is truncated away."""
+def _read_all(fd: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
-    data = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _parse_records(data: bytes, path: Path) -> list[dict[str, Any]]:
+    """The records of the file's complete lines; a DymuError if they are not our JSON lines (every line a JSON
+    object with a "path"), so that a file we did not write is never touched. A partial last line is allowed
+    only when it starts as one of our records does (what a crash in the middle of a write leaves)."""
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
-        os.ftruncate(fd, end)
-        os.fsync(fd)
-    return data[:end]
+    records = []
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "path" not in record:
+            raise DymuError(f"{path} is not a dymu-video results file (line {number} is not one of its JSON "
+                            f"records); it was left as it is: choose another --out or remove it")
+        records.append(record)
+    if end < len(data) and not data[end:].startswith(RECORD_START):
+        raise DymuError(f"{path} is not a dymu-video results file (it ends with a line that is not one of its "
+                        f"records); it was left as it is: choose another --out or remove it")
+    return records
 
 
 class JsonlFile:
@@ -57,20 +71,23 @@ class JsonlFile:
         except BlockingIOError:
             os.close(fd)
             raise DymuError(f"{path} is being written by another process") from None
+        try:
+            data = _read_all(fd)
+            records = _parse_records(data, path)  # refuses a foreign file before anything is written
+            if data and mode == "new":
+                raise DymuError(f"{path} already holds {len(records)} result(s); pass --resume to skip the videos "
+                                f"it has, or --overwrite to start it over")
+        except BaseException:
+            os.close(fd)
+            raise
         if mode == "overwrite":
             os.ftruncate(fd, 0)
             return cls(path, fd, [])
-        lines = _drop_partial_tail(fd, path).splitlines()
-        if lines and mode == "new":
-            os.close(fd)
-            raise DymuError(f"{path} already holds {len(lines)} result(s); pass --resume to skip the videos it has, "
-                            f"or --overwrite to start it over")
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                log.warning("%s:%d is not JSON, ignoring it", path, number)
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
         return cls(path, fd, records)
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
@@ -104,6 +121,9 @@ class JsonlFile:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+RECORD_START = b'{"path": '  # how every record's line begins: ``_line`` of a dict whose first key is "path"
 
 
 def _line(record: dict[str, Any]) -> bytes:

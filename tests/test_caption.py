@@ -95,6 +95,41 @@ def test_results_file_drops_a_partial_line_and_never_appends_by_accident(tmp_pat
     assert out.read_bytes() == b""
 
 
+@pytest.mark.parametrize("content", [b"\x00\x00\x00\x18ftypmp42 not our jsonl\nmore bytes without a newline",
+                                     b"a text file\nits last line\n", b"a text file\nits last line",
+                                     b'{"path": "/a"}\n[1, 2]\n', b'{"path": "/a"}\n{"no": "path"}\n'])
+@pytest.mark.parametrize("mode", ["new", "resume", "overwrite"])
+def test_results_file_that_is_not_ours_is_left_byte_for_byte(tmp_path, content, mode):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(content)
+    with pytest.raises(DymuError, match="not a dymu-video results file"):
+        JsonlFile.open(out, mode)
+    assert out.read_bytes() == content
+
+
+def test_refused_results_file_is_left_byte_for_byte(tmp_path):
+    out = tmp_path / "out.jsonl"
+    content = b'{"path": "/a", "caption": "x"}\n{"path": "/b", "capt'  # ours, with a torn last line
+    out.write_bytes(content)
+    with pytest.raises(DymuError, match="--resume"):
+        JsonlFile.open(out, "new")
+    assert out.read_bytes() == content  # the torn line goes only when the file is resumed
+
+
+def test_resume_counts_the_failures_already_in_the_file(tiny_ov, archive, tmp_path, capsys):
+    root, good, bad = archive
+    out = tmp_path / "captions.jsonl"
+    with JsonlFile.open(out, "new") as results:
+        results.append({"path": str(good[0]), "caption": "x"})
+        results.append({"path": str(bad), "error": f"{bad}: corrupt video"})
+    rc = main(["caption", str(good[0]), str(bad), "--out", str(out), "--resume", "--cache", "off",
+               *tiny_args(tiny_ov)])
+    captured = capsys.readouterr().out
+    assert rc == 1  # nothing ran, but not every video has a caption
+    assert "2 already there" in captured and "1 video(s) had already failed" in captured
+    assert f"{bad}: corrupt video" in captured and "--retry-failed" in captured
+
+
 # --- whole batches -------------------------------------------------------------------------------------
 def test_redis_unreachable_at_start_is_one_clear_line(tiny_ov, archive, tmp_path, capsys):
     root, _, _ = archive
@@ -126,8 +161,8 @@ def test_folder_with_a_corrupt_video(ray_local, tiny_ov, archive, tmp_path, caps
     before = out.read_bytes()
     assert main(["caption", *args]) == 2  # no --resume: refused, nothing appended
     assert "--resume" in capsys.readouterr().err and out.read_bytes() == before
-    assert main(["caption", *args, "--resume"]) == 0  # everything is there already
-    assert out.read_bytes() == before
+    assert main(["caption", *args, "--resume"]) == 1  # everything is there already, one of them failed
+    assert "1 video(s) had already failed" in capsys.readouterr().out and out.read_bytes() == before
     assert main(["caption", *args, "--resume", "--retry-failed"]) == 1  # the broken video, once more
     records = read_records(out)
     assert sorted(r["path"] for r in records) == sorted(str(p) for p in good + [bad])

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "  dymu-video caption 'cams/**/*.mp4' @more.txt --out captions.jsonl --resume\n"
             "  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n"
             "      dymu-video caption /data/videos --out /data/captions.jsonl --redis-url redis://:pw@redis:6379/0\n\n"
-            "exit status: 0 every video captioned, 1 some failed (listed at the end), 2 bad arguments"
+            "exit status: 0 every video captioned, 1 some failed (in this run or, with --resume, already in --out;\n"
+            "listed at the end), 2 bad arguments"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -99,17 +100,19 @@ def run(args: argparse.Namespace) -> int:
     with JsonlFile.open(args.out, mode) as out:
         if args.retry_failed:
             out.rewrite([record for record in out.records if "error" not in record])
-        done = {record.get("path") for record in out.records}
+        done = {record.get("path"): record for record in out.records}
         todo = [path for path in map(str, paths) if path not in done]
+        failed_before = [(path, done[path]["error"]) for path in map(str, paths)
+                         if path in done and "error" in done[path]]
 
         started = time.perf_counter()
         jobs = [Job(path, question_for(path, args.prompt)) for path in todo]
         failed, cache_note = _caption(args, config, jobs, out) if jobs else ([], "")
         elapsed = time.perf_counter() - started
-    print(summary(len(todo), failed, len(paths) - len(todo), elapsed, args.out))
+    print(summary(len(todo), failed, len(paths) - len(todo), elapsed, args.out, failed_before))
     if cache_note:
         print(cache_note)
-    return 1 if failed else 0
+    return 1 if failed or failed_before else 0
 
 
 def _caption(args: argparse.Namespace, config: Any, jobs: list, out: Any) -> tuple[list[tuple[str, str]], str]:
@@ -136,13 +139,24 @@ def _caption(args: argparse.Namespace, config: Any, jobs: list, out: Any) -> tup
     return failed, note
 
 
-def summary(ran: int, failed: list[tuple[str, str]], skipped: int, seconds: float, out: str) -> str:
+def summary(ran: int, failed: list[tuple[str, str]], skipped: int, seconds: float, out: str,
+            failed_before: list[tuple[str, str]] = ()) -> str:
+    """The closing lines: what ran, what was skipped, and every failure, this run's and (with --resume) those
+    already in ``out`` for these inputs, which still count against the exit status."""
     done = ran - len(failed)
     rate = ran / seconds if seconds > 0 else 0.0
     lines = [f"captioned {done} of {ran} video(s) into {out} in {seconds:.1f}s ({rate:.2f}/s)"
              + (f"; {skipped} already there, skipped" if skipped else "")
              + (f"; {len(failed)} failed:" if failed else "")]
-    lines += [f"  {error}" if error.startswith(path) else f"  {path}: {error}" for path, error in failed[:20]]
+    lines += _failure_lines(failed, out)
+    if failed_before:
+        lines.append(f"{len(failed_before)} video(s) had already failed in {out} (--retry-failed tries them again):")
+        lines += _failure_lines(list(failed_before), out)
+    return "\n".join(lines)
+
+
+def _failure_lines(failed: list[tuple[str, str]], out: str) -> list[str]:
+    lines = [f"  {error}" if error.startswith(path) else f"  {path}: {error}" for path, error in failed[:20]]
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (their lines in {out} have an \"error\")")
-    return "\n".join(lines)
+    return lines
