@@ -8,6 +8,7 @@ Every problem with the input raises a ``MediaError`` subclass whose one-line mes
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,17 +193,33 @@ def sample_indices(
     if fps is not None:
         if source_fps <= 0:
             raise MediaError("cannot sample by fps: the video does not say its frame rate")
-        times = np.arange(0.0, total_frames / source_fps, 1.0 / fps)
-        # The frame on screen at time t is the last one that started at or before t.
-        indices = np.unique(np.minimum(np.floor(times * source_fps + 1e-6).astype(np.int64), total_frames - 1))
+        step = 1.0 / fps
+        if step * source_fps <= 1.0:  # at least one sample per frame: every frame, once
+            count, pick = total_frames, _every_frame
+        else:  # one sample every `step` seconds, each on a different frame
+            count = math.ceil(total_frames / source_fps / step)  # as many as np.arange(0, duration, step) has
+
+            def pick(k: np.ndarray) -> np.ndarray:
+                # The frame on screen at time t is the last one that started at or before t.
+                return np.minimum(np.floor(k * step * source_fps + 1e-6).astype(np.int64), total_frames - 1)
     elif num_frames is None:
-        indices = np.arange(total_frames, dtype=np.int64)
+        count, pick = total_frames, _every_frame
     else:
         count = min(num_frames, total_frames)
-        indices = np.linspace(0, total_frames - 1, count).round().astype(np.int64)
-    if max_frames is not None and len(indices) > max_frames:
-        indices = indices[np.linspace(0, len(indices) - 1, max_frames).round().astype(np.int64)]
-    return indices
+        spread = (total_frames - 1) / max(count - 1, 1)
+
+        def pick(k: np.ndarray) -> np.ndarray:  # np.linspace(0, total_frames - 1, count)[k], rounded
+            last = (k == count - 1) & (count > 1)  # linspace ends exactly on its stop
+            return np.where(last, total_frames - 1, np.round(k * spread)).astype(np.int64)
+    # The candidates are only counted, never listed: --fps 1e9 must not build a billion of them; only the
+    # at most max_frames chosen ones (thinned evenly) are made.
+    if max_frames is not None and count > max_frames:
+        return pick(np.linspace(0, count - 1, max_frames).round().astype(np.int64))
+    return pick(np.arange(count, dtype=np.int64))
+
+
+def _every_frame(k: np.ndarray) -> np.ndarray:
+    return k
 
 
 def _check_sampling_args(num_frames: int | None, fps: float | None, max_frames: int | None) -> None:

@@ -66,6 +66,23 @@ def test_sample_indices_edge_cases():
     assert sample_indices(3, 8.0, fps=100.0).tolist() == [0, 1, 2]  # never beyond the last frame
 
 
+@pytest.mark.parametrize("fps", [1e5, 1e9, 1e300])
+def test_sampling_a_huge_fps_never_lists_more_than_max_frames(fps):
+    import tracemalloc
+
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc
+    try:
+        indices = sample_indices(3000, 30.0, fps=fps, max_frames=32)  # 100 s of video
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 10  # a few arrays of 32 indices, not one of fps * 100 sample times
+    assert len(indices) == 32 and indices[0] == 0 and indices[-1] == 2999
+    assert np.all(np.diff(indices) > 0)
+    assert sample_indices(3000, 30.0, fps=fps, max_frames=32).tolist() == sample_indices(
+        3000, 30.0, None, max_frames=32).tolist()  # faster than the video: every frame, thinned alike
+
+
 def test_decord_and_pyav_agree(tmp_path):
     path = media.changing_video(tmp_path / "changing.mp4", num_frames=10, seed=3)
     fast = read_video_frames(path, num_frames=4)
