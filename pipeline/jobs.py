@@ -302,7 +302,9 @@ class Pipeline:
             tokens, cache, store = self._tokens(job)
             answer = self._answer(tokens, job, on_text)
             if store is not None:  # written while the LLM answered
-                self._cache_status(store)
+                stored = self._cache_status(store)
+                if stored["status"] == "unavailable":  # Redis went away while this job was in flight
+                    cache = {"status": "unavailable", "lookup": cache["status"], "reason": stored["reason"]}
         except Exception as exc:  # one job's failure is its own result, never the batch's
             if isinstance(exc, DymuError):
                 log.info("%s: %s", job.path, exc)

@@ -98,6 +98,40 @@ def test_batch_with_a_bad_video_answers_the_rest(pipeline, videos, tmp_path):
     assert "corrupt" in results[str(bad)].error and "no such file" in results[str(tmp_path / "missing.mp4")].error.lower()
 
 
+@pytest.mark.parametrize("poison", [{"seconds": {"encode": "slow"}}, {"seconds": 3}, ["not", "an", "object"],
+                                    {"seconds": {}, "frames": 4}])
+def test_poisoned_cache_entry_is_a_miss_deleted_and_the_cache_stays_on(pipeline, module_redis, videos, poison):
+    video = videos[4]
+    key = token_cache_key(content_hash(video), pipeline.config.model, "", pipeline._settings)
+    good = pipeline.ask(video, "What is shown?")  # stores valid tokens under the key
+    assert good.cache["status"] in ("miss", "hit")
+    cache = TokenCache(module_redis.url)
+    try:
+        tokens = cache.get(key)
+        tokens.meta = poison  # passes the schema check: only the meta is wrong
+        cache.put(key, tokens)
+        result = pipeline.ask(video, "What is shown?")
+        assert result.ok and result.cache["status"] == "miss"
+        assert pipeline.cache_state == "on"  # one bad entry does not switch the cache off
+        assert cache.get(key).meta != poison  # the bad value went, the fresh tokens replaced it
+        assert pipeline.ask(video, "What is shown?").cache["status"] == "hit"
+    finally:
+        cache.close()
+
+
+def test_redis_failing_while_a_job_is_in_flight_says_unavailable(pipeline, module_redis, videos):
+    client = TokenCache(module_redis.url)._client
+    client.config_set("maxmemory", 1)  # reads still answer (a miss), every write fails: out of memory
+    try:
+        result = pipeline.ask(videos[5], "What is shown?")
+    finally:
+        client.config_set("maxmemory", 64 << 20)
+        client.close()
+        pipeline.cache_state, pipeline.cache_problem = "on", ""  # for the next test, which stops Redis
+    assert result.ok and result.cache["status"] == "unavailable" and result.cache["lookup"] == "miss"
+    assert "memory" in result.cache["reason"].lower()
+
+
 def test_redis_going_away_mid_batch_finishes_without_the_cache(pipeline, module_redis, tmp_path, caplog):
     # Runs last in this module: it stops the module's Redis.
     videos = [changing_video(tmp_path / f"v{i}.mp4", num_frames=4, size=64, seed=500 + i) for i in range(8)]

@@ -292,6 +292,18 @@ def test_unreachable_message_hides_the_password():
     assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
 
 
+def test_wrong_or_missing_password_says_authentication_failed():
+    with EmbeddedRedis(maxmemory="32mb") as server:
+        admin = connect_redis(server.url)
+        admin.config_set("requirepass", "right")
+        admin.close()
+        for url in (f"redis://:wrong@127.0.0.1:{server.port}/0", server.url):
+            with pytest.raises(CacheUnavailable, match="authentication failed") as info:
+                connect_redis(url)
+            assert "unreachable" not in str(info.value) and "wrong" not in str(info.value)
+        connect_redis(f"redis://:right@127.0.0.1:{server.port}/0").close()
+
+
 def test_server_gone_mid_use_raises_cache_unavailable(request):
     server = EmbeddedRedis(maxmemory="32mb").start()
     try:

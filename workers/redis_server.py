@@ -77,8 +77,19 @@ def connect_redis(url: str, timeout_s: float = 2.0, op_timeout_s: float = 30.0) 
         client.ping()
     except redis.RedisError as exc:
         client.close()
+        if _is_auth_error(exc):
+            raise CacheUnavailable(f"Redis at {redact_url(url)} answered but authentication failed: {exc} "
+                                   f"(check the password in the URL)") from exc
         raise CacheUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
     return client
+
+
+def _is_auth_error(exc: redis.RedisError) -> bool:
+    """A wrong or missing password (redis-py raises AuthenticationError, or a ResponseError for some servers)."""
+    if isinstance(exc, redis.AuthenticationError):
+        return True
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and text.startswith(("WRONGPASS", "NOAUTH", "invalid password"))
 
 
 def _free_loopback_port() -> int:
