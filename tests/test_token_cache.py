@@ -6,9 +6,13 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -18,7 +22,15 @@ from safetensors.torch import save as st_save
 
 from dymu.errors import DymuError
 from dymu.tokens import MergedTokens
-from workers.redis_server import CacheUnavailable, EmbeddedRedis, connect_redis
+from workers.redis_server import (
+    CacheUnavailable,
+    EmbeddedRedis,
+    _running,
+    _serves_from,
+    clean_stale_workdirs,
+    connect_redis,
+    find_redis_server,
+)
 from workers.token_cache import (
     KEY_PREFIX,
     TokenCache,
@@ -340,6 +352,57 @@ def test_embedded_redis_starts_configured_and_stops_cleanly():
     with pytest.raises(CacheUnavailable):
         connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
     server.stop()  # a second stop is harmless
+
+
+def _wait_until(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_embedded_redis_dies_with_a_killed_starter():
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal\n"
+         "from workers.redis_server import EmbeddedRedis\n"
+         "server = EmbeddedRedis(maxmemory='32mb').start()\n"
+         "print(server._process.pid, server._workdir, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finally: as the OOM killer does it\n"],
+        stdout=subprocess.PIPE, text=True)
+    server_pid, workdir = starter.stdout.readline().split()
+    server_pid, workdir = int(server_pid), Path(workdir)
+    assert starter.wait(timeout=60) == -signal.SIGKILL
+    try:
+        assert _wait_until(lambda: not _running(server_pid)), "the embedded redis-server outlived its starter"
+    finally:
+        if _running(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+    assert workdir.is_dir() and clean_stale_workdirs(workdir.parent) >= 1  # what the next start does
+    assert not workdir.exists()
+
+
+def test_next_start_cleans_what_a_dead_program_left(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    stale, live = tmp_path / "dymu-redis-stale", tmp_path / "dymu-redis-live"
+    stale.mkdir()
+    live.mkdir()
+    # A server leaked by a starter that could not take it along (no PR_SET_PDEATHSIG, as an older version).
+    leaked = subprocess.Popen([str(find_redis_server()), "--port", str(_unused_port()), "--bind", "127.0.0.1",
+                               "--save", "", "--dir", str(stale)], stdout=subprocess.DEVNULL)
+    try:
+        (stale / "owner.json").write_text(json.dumps({"owner": dead.pid, "server": leaked.pid}))
+        (live / "owner.json").write_text(json.dumps({"owner": os.getpid(), "server": leaked.pid}))
+        assert _wait_until(lambda: _serves_from(leaked.pid, stale))
+        assert clean_stale_workdirs(tmp_path) == 1
+        assert leaked.wait(timeout=30) == -signal.SIGKILL
+        assert not stale.exists() and live.is_dir()  # a live program's folder is left alone
+    finally:
+        if leaked.poll() is None:
+            leaked.kill()
+            leaked.wait()
 
 
 def test_embedded_redis_reports_a_missing_binary(tmp_path):

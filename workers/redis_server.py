@@ -4,18 +4,30 @@
 one on PATH) on a free loopback port, with no persistence and a memory cap with LRU eviction: it is a cache,
 so losing it costs a re-encode, never data. ``connect_redis`` returns a client that has answered PING, or
 raises ``CacheUnavailable`` quickly, so a caller can choose to run without the cache.
+
+The embedded server must not outlive the program that started it, even one killed with ``kill -9`` or by
+the out-of-memory killer (no ``atexit`` runs then): on Linux it is started with ``PR_SET_PDEATHSIG``, so
+the kernel kills it when its starter dies, and every start removes the work folders (and any server still
+running in one) that a dead program left behind, as recorded in each folder's ``owner.json``.
 """
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from typing import Callable
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,6 +110,78 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_WORKDIR_PREFIX = "dymu-redis-"
+_OWNER_FILE = "owner.json"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_starter() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread that starts it dies, or None
+    where that cannot be promised: not Linux, or not the main thread (the signal follows the starting
+    thread, and a worker thread that ends would take the server with it)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    starter = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != starter:  # the starter died before the line above: nobody will stop us
+            os._exit(1)
+
+    return preexec
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: take kill's word
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _serves_from(pid: int, workdir: Path) -> bool:
+    """Whether ``pid`` is a redis-server working in ``workdir`` (read from /proc; False where there is none)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"redis-server") and os.fsencode(workdir) in argv
+
+
+def clean_stale_workdirs(root: Path | None = None) -> int:
+    """Remove the work folders of embedded servers whose program is gone (stopping a server still running in
+    one); returns how many went. Folders of live programs, of other users, or without an ``owner.json``
+    (another version's, or one being set up right now) are left alone."""
+    removed = 0
+    for workdir in Path(root or tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
+        try:
+            if workdir.stat().st_uid != os.getuid():
+                continue
+            owner = json.loads((workdir / _OWNER_FILE).read_text())
+            owner_pid, server_pid = int(owner["owner"]), int(owner["server"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _running(owner_pid):
+            continue
+        if _running(server_pid) and _serves_from(server_pid, workdir):
+            logger.info("stopping redis-server pid %d left running by a program that died", server_pid)
+            with suppress(ProcessLookupError):
+                os.kill(server_pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
+        removed += 1
+    if removed:
+        logger.info("removed %d work folder(s) of embedded Redis servers whose program died", removed)
+    return removed
+
+
 class EmbeddedRedis:
     """A private ``redis-server`` process on 127.0.0.1, started and stopped by this program.
 
@@ -127,7 +211,8 @@ class EmbeddedRedis:
         if self.running:
             return self
         binary = self.binary or find_redis_server()
-        self._workdir = Path(tempfile.mkdtemp(prefix="dymu-redis-"))
+        clean_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
         atexit.register(self.stop)
         # The free port is only reserved until we close the probe socket; another process may take it
         # before redis binds, so a server that exits at once is retried on a fresh port.
@@ -139,7 +224,8 @@ class EmbeddedRedis:
                 # Its log and any config error go to one file, read back if it fails to start.
                 with open(self._workdir / "redis.log", "ab") as log:
                     self._process = subprocess.Popen(
-                        self._command(binary, self.port), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                        self._command(binary, self.port), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        preexec_fn=_die_with_starter(),
                     )
             except OSError as exc:
                 self.stop()
@@ -152,6 +238,8 @@ class EmbeddedRedis:
                     continue
                 self.stop()
                 raise
+            owner = {"owner": os.getpid(), "server": self._process.pid}
+            (self._workdir / _OWNER_FILE).write_text(json.dumps(owner))  # for clean_stale_workdirs
             logger.info("embedded Redis started at %s (pid %d)", self.url, self._process.pid)
             return self
 
