@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
 import sys
+import time
 from typing import Any
 
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
+
+log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -85,26 +89,62 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 class ResultSinks:
-    """Where results go besides stdout: a JSON-lines file and a Redis stream (capped with MAXLEN)."""
+    """Where results go besides stdout: a JSON-lines file and a Redis stream (capped with MAXLEN).
 
-    def __init__(self, out: str | None, redis_client: Any, stream_key: str | None, maxlen: int):
+    The Redis stream is a sink, not a dependency: while Redis is away the results still go to stdout and the
+    file, each saying it was not delivered (``"undelivered"``), and the stream is written again once Redis
+    answers (tried again at most every ``retry_s``, so a dead server does not slow the results down).
+    """
+
+    def __init__(self, out: str | None, redis_client: Any, stream_key: str | None, maxlen: int,
+                 retry_s: float = 5.0):
         self.file = open(out, "a", encoding="utf-8") if out else None
         self.redis = redis_client
         self.stream_key = stream_key
         self.maxlen = maxlen
+        self.retry_s = retry_s
+        self._redis_down: str | None = None  # why the last write failed; None while Redis answers
+        self._retry_at = 0.0
 
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record)
-        if self.file is not None:
-            self.file.write(line + "\n")  # one write per line: a crash never leaves half a line
-            self.file.flush()
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Deliver ``record``; returns it, with ``"undelivered"`` (sink -> why) when a sink missed it."""
         if self.stream_key is not None:
-            fields = {"feed": record["feed"], "answer": record["answer"], "json": line}
+            problem = self._xadd(record)
+            if problem is not None:
+                record = {**record, "undelivered": {"redis_stream": problem}}
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")  # one write per line: a crash never leaves half a line
+            self.file.flush()
+        return record
+
+    def _xadd(self, record: dict[str, Any]) -> str | None:
+        import redis
+
+        if self._redis_down is not None and time.monotonic() < self._retry_at:
+            return self._redis_down
+        fields = {"feed": record["feed"], "answer": record["answer"], "json": json.dumps(record)}
+        try:
             self.redis.xadd(self.stream_key, fields, maxlen=self.maxlen, approximate=True)
+        except redis.RedisError as exc:
+            if self._redis_down is None:
+                log.warning("Redis stream %s: cannot write (%s); results go on to stdout%s and are marked "
+                            "undelivered until Redis is back", self.stream_key, exc, " and --out" if self.file else "")
+            self._redis_down = f"Redis stream {self.stream_key} unavailable: {' '.join(str(exc).split())}"
+            self._retry_at = time.monotonic() + self.retry_s
+            return self._redis_down
+        if self._redis_down is not None:
+            log.warning("Redis stream %s: Redis is back, writing results again", self.stream_key)
+            self._redis_down = None
+        return None
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def undelivered_lines(record: dict[str, Any]) -> str:
+    """What a text result adds when a sink missed it."""
+    return "".join(f"\n  not delivered: {why}" for why in record.get("undelivered", {}).values())
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -144,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         raise DymuError("--redis-stream needs a Redis: pass --redis-url or set REDIS_URL")
     # Redis is checked before any feed is opened, so that a typo fails at once.
     cache = TokenCache(redis_url) if redis_url else None
-    sinks = ResultSinks(args.out, connect_redis(redis_url) if args.redis_stream else None, args.redis_stream,
-                        args.redis_maxlen)
+    stream_client = connect_redis(redis_url, op_timeout_s=5.0) if args.redis_stream else None
+    sinks = ResultSinks(args.out, stream_client, args.redis_stream, args.redis_maxlen)
     streams, engine, ray_connected, count = None, None, False, 0
     try:
         readers = connect_feeds(args.url, options)
@@ -157,9 +197,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         streams = LiveStreams(readers, engine, args.prompt, args.every, args.window, args.token_budget, cache)
         for result in streams:
-            record = result.to_json()
-            print(json.dumps(record) if args.json else result.to_text(), flush=True)
-            sinks.write(record)
+            record = sinks.write(result.to_json())
+            print(json.dumps(record) if args.json else result.to_text() + undelivered_lines(record), flush=True)
             count += 1
             if args.max_results is not None and count >= args.max_results:
                 break
