@@ -3,8 +3,8 @@
 A reader opens the feed with PyAV (FFmpeg): rtsp (over TCP), http(s), udp, rtmp, a v4l2 device
 (``/dev/video*``) or a file, played at its own rate with ``realtime`` or else as fast as it decodes. It
 decodes every frame, keeps one every ``1 / sample_fps`` seconds, shrinks it, stamps it with the wall-clock
-time it arrived (a file: its start time plus the frame's media time) and hands it over through a bounded
-queue. When the pipeline falls behind and the queue is full, the reader drops the OLDEST waiting frame to
+time it arrived (``ArrivalClock``; a file: its start time plus the frame's media time) and hands it over
+through a bounded queue. When the pipeline falls behind and the queue is full, the reader drops the OLDEST waiting frame to
 make room (a live answer wants the newest frames) and counts it; a file read as fast as it decodes waits
 for room instead, since nothing is lost by waiting.
 
@@ -20,11 +20,13 @@ A feed that never connects is an error (``FeedUnavailable``) once the connect ti
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -218,6 +220,40 @@ def pause(stop: Any, seconds: float, heartbeat: Any) -> None:
         time.sleep(min(left, _HEARTBEAT_SLICE_S))
 
 
+class ArrivalClock:
+    """When a live feed's frames arrived, on the wall clock, from their media times.
+
+    A frame is decoded some time after its data came in: behind the decoder's reordering delay, and at a cut
+    only when the read timeout makes the demuxer flush what it held, seconds later. Its media time does not
+    wait, so a frame is stamped at its media time plus the smallest (decode time - media time) of the last
+    ``window_s`` (the feed's own delay; the window follows a camera clock that drifts). A media clock that
+    jumps back (a reset, a wrap) or a stamp more than ``max_lag_s`` behind its decode time starts it over.
+    """
+
+    def __init__(self, max_lag_s: float, window_s: float = 60.0):
+        self.max_lag_s = max_lag_s
+        self.window_s = window_s
+        self._offsets: deque[tuple[float, float]] = deque()  # (decoded at, offset), offsets increasing
+        self._last = -math.inf
+
+    def stamp(self, media_time: float | None, now: float) -> float:
+        if media_time is None:
+            return now
+        offset = now - media_time
+        while self._offsets and self._offsets[0][0] < now - self.window_s:
+            self._offsets.popleft()
+        while self._offsets and self._offsets[-1][1] >= offset:
+            self._offsets.pop()
+        self._offsets.append((now, offset))
+        t = media_time + self._offsets[0][1]
+        if t < self._last or now - t > self.max_lag_s:
+            self._offsets.clear()
+            self._offsets.append((now, offset))
+            t = now
+        self._last = t
+        return t
+
+
 def sampled_frames(
     container: av.container.InputContainer, url: str, options: FeedOptions, stop: Any, heartbeat: Any
 ) -> Iterator[tuple[np.ndarray, float]]:
@@ -225,6 +261,7 @@ def sampled_frames(
     stream = container.streams.video[0]
     file = source_kind(url) == "file"
     sampler = Sampler(options.sample_fps)
+    arrivals = ArrivalClock(max_lag_s=options.connect_timeout_s + options.stall_timeout_s)
     started = time.time()
     first_media_time: float | None = None
     last_frame = time.monotonic()
@@ -240,7 +277,7 @@ def sampled_frames(
                 if options.realtime:
                     pause(stop, t - time.time(), heartbeat)
             else:
-                t = time.time()
+                t = arrivals.stamp(frame.time, time.time())
             if sampler.take(t):
                 yield to_rgb(frame, options.max_side), t
         if time.monotonic() - last_frame > options.stall_timeout_s:

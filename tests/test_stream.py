@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from pipeline.commands.stream import parse_duration
-from pipeline.ingest import (FeedOptions, FeedReader, FeedUnavailable, Sampler, offer_dropping_oldest, open_options,
-                             source_kind, take_waiting)
+from pipeline.ingest import (ArrivalClock, FeedOptions, FeedReader, FeedUnavailable, Sampler, offer_dropping_oldest,
+                             open_options, source_kind, take_waiting)
 from pipeline.sample_media import scene_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,6 +340,53 @@ def test_a_reader_never_outlives_its_program(feed_port):
         assert not alive(reader)
     finally:
         stop(program)
+
+
+def wait_for(condition, timeout_s: float, poll) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        poll()
+
+
+def test_an_outage_is_reported_from_the_moment_the_feed_was_cut(caplog):
+    port = free_udp_port()
+    sender = start_feed(port)
+    options = FeedOptions(sample_fps=10, connect_timeout_s=3, stall_timeout_s=3)
+    frames: list = []
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.ingest"), \
+                FeedReader(f"udp://127.0.0.1:{port}", options) as reader:
+            reader.wait_connected()
+            wait_for(lambda: len(frames) >= 10, 60, lambda: frames.extend(reader.frames(timeout=0.5)))
+            stop(sender)
+            cut = time.time()
+            # The demuxer hands the cut's last frames over when its read times out, 3 s later.
+            wait_for(lambda: "lost" in caplog.text, 60, lambda: frames.extend(reader.frames(timeout=0.5)))
+            back = time.time()
+            sender = start_feed(port)
+            wait_for(lambda: any(f.gap for f in frames), 60, lambda: frames.extend(reader.frames(timeout=0.5)))
+    finally:
+        stop(sender)
+    gap = next(f.gap for f in frames if f.gap)
+    assert cut - 1.0 <= gap.start <= cut + 0.5  # from the last frame that came before the cut, as it came
+    assert gap.end >= back and gap.seconds >= back - cut - 0.5  # the whole cut, not the part after the timeout
+    assert all(a.time < b.time for a, b in zip(frames, frames[1:]))
+
+
+def test_arrival_clock_stamps_frames_when_they_came_not_when_they_were_decoded():
+    clock = ArrivalClock(max_lag_s=10.0)
+    # 10 fps with up to 80 ms of jitter on top of a 20 ms delay; then a cut at media time 5 s, whose last
+    # frames (4.8 s, 4.9 s) come out of the decoder only when the read times out, 3 s later.
+    jitter = np.random.default_rng(0).uniform(0, 0.08, 50)
+    stamps = [clock.stamp(i / 10, 1000.02 + i / 10 + jitter[i]) for i in range(48)]
+    assert all(1000.0 <= t - i / 10 <= 1000.11 for i, t in enumerate(stamps))
+    assert clock.stamp(4.8, 1008.0) == pytest.approx(1004.82, abs=0.1)
+    assert clock.stamp(4.9, 1008.0) == pytest.approx(1004.92, abs=0.1)
+    assert clock.stamp(0.0, 1009.0) == 1009.0  # the media clock went back (a camera restart): start over
+    assert clock.stamp(0.1, 1009.1) == pytest.approx(1009.1)
+    assert clock.stamp(None, 1010.0) == 1010.0
 
 
 def test_closing_after_a_reader_was_killed_or_signalled_does_not_hang(feed_port):
