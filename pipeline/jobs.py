@@ -287,8 +287,12 @@ class Pipeline:
 
     def _answer(self, tokens: Any, job: Job, on_text: Callable[[str], None] | None) -> Answer:
         with self.llms.borrow() as llm:
-            if on_text is None:
-                return fetch(llm.answer.remote(tokens, job.question, job.path))
+            if on_text is None or ray.util.client.ray.is_connected():
+                # Ray Client (a ray:// address) has no streaming generators: the answer comes in one piece.
+                answer = fetch(llm.answer.remote(tokens, job.question, job.path))
+                if on_text is not None:
+                    on_text(answer.text)
+                return answer
             for ref in llm.stream.remote(tokens, job.question, job.path):
                 item = fetch(ref)
                 if isinstance(item, Answer):

@@ -83,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run the encoder and LLM as actors on this Ray cluster (host:6379, ray://host:10001, or "
                         "'local' for a Ray started for this run); default $DYMU_RAY_ADDRESS or $RAY_ADDRESS, "
                         "else in this process")
+    from pipeline.runtime import add_ray_connect_timeout
+
+    add_ray_connect_timeout(g)
     add_model_options(p)
     add_answer_options(p)
     p.set_defaults(func=run)
@@ -151,7 +154,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def load_engine(config: Any, ray_address: str | None, feeds: int) -> tuple[Any, bool]:
+def load_engine(config: Any, ray_address: str | None, feeds: int, ray_connect_timeout_s: float = 30.0
+                ) -> tuple[Any, bool]:
     """(engine, whether this call connected to Ray): Ray actors when there is an address, else this process."""
     from pipeline.stream_engine import LocalEngine, RayEngine
 
@@ -160,7 +164,7 @@ def load_engine(config: Any, ray_address: str | None, feeds: int) -> tuple[Any, 
         return LocalEngine.from_config(config, feeds), False
     from pipeline.runtime import connect_ray
 
-    connected = connect_ray(ray_address)
+    connected = connect_ray(ray_address, ray_connect_timeout_s)
     return RayEngine(config), connected
 
 
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         readers = connect_feeds(args.url, options)
         try:
-            engine, ray_connected = load_engine(config, args.ray_address, len(readers))
+            engine, ray_connected = load_engine(config, args.ray_address, len(readers), args.ray_connect_timeout)
         except BaseException:
             for reader in readers:
                 reader.close()
