@@ -83,7 +83,18 @@ def token_head(tmp_path_factory):
                 break
             except subprocess.TimeoutExpired:
                 continue
+        kill_leftovers(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_leftovers(marker: str) -> None:
+    """Kill, by pid, any process of the head that left its group (its command line names our temp dir)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def one_line_error(run: subprocess.CompletedProcess) -> str:
