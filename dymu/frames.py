@@ -25,6 +25,12 @@ try:
 except ImportError:  # no wheel for some platforms; PyAV does everything then
     decord = None
 
+if decord is not None and not os.environ.get("DYMU_VERBOSE"):
+    # decord's FFmpeg prints "[h264 @ 0x...] error while decoding MB ..." for every damaged frame, from any
+    # process (a Ray actor's lines reach the driver's terminal); our own error says it in one line. PyAV's
+    # FFmpeg logging is off by default. `dymu-video -v` sets DYMU_VERBOSE and brings them back.
+    decord.logging.set_level(decord.logging.QUIET)
+
 log = logging.getLogger(__name__)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from dymu.errors import DymuError
@@ -45,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries(verbose: int) -> None:
-    """transformers' own progress bars and notices would drown our output; -v brings them back."""
+    """transformers' own progress bars and notices, FFmpeg's and Ray's would drown our output; -v brings them
+    back (Ray's: pipeline.runtime, FFmpeg's: dymu.frames)."""
     if verbose:
+        os.environ["DYMU_VERBOSE"] = str(verbose)  # for the libraries' native logging, here and in workers
         return
     from transformers.utils import logging as hf_logging
 
