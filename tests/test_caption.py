@@ -130,6 +130,47 @@ def test_resume_counts_the_failures_already_in_the_file(tiny_ov, archive, tmp_pa
     assert f"{bad}: corrupt video" in captured and "--retry-failed" in captured
 
 
+WRITER = """
+import sys
+from pipeline.jsonl import JsonlFile
+
+with JsonlFile.open(sys.argv[1], "resume") as out:
+    n = len(out.records)
+    while True:
+        n += 1
+        out.append({"path": f"/clip{n:06d}.mp4", "caption": "x" * int(sys.argv[2])})
+"""
+
+
+def test_a_writer_killed_in_the_middle_of_a_record_loses_that_record_only(tmp_path):
+    """A real process appending big records (each one write of several MB, then fsync) is SIGKILLed while
+    the file ends inside a record; opening the file again keeps every whole record and drops the torn one."""
+    out = tmp_path / "out.jsonl"
+    caption_chars = 8 << 20
+    record = len(json.dumps({"path": "/clip000001.mp4", "caption": "x" * caption_chars}).encode()) + 1
+    for _ in range(20):  # each try: kill the writer the moment the file ends inside a record
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(caption_chars)], cwd=ROOT)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline and writer.poll() is None:
+                size = out.stat().st_size if out.exists() else 0
+                if size > record and size % record:
+                    writer.kill()
+                    break
+        finally:
+            writer.kill()
+            writer.wait()
+        if out.stat().st_size % record:
+            break  # the kill landed in the middle of a record
+    data = out.read_bytes()
+    whole = len(data) // record
+    assert len(data) % record, "the writer was never caught in the middle of a record"
+    with JsonlFile.open(out, "resume") as results:
+        assert [r["path"] for r in results.records] == [f"/clip{i:06d}.mp4" for i in range(1, whole + 1)]
+        assert all(len(r["caption"]) == caption_chars for r in results.records)
+    assert out.read_bytes() == data[:whole * record]  # the torn record is gone, the rest byte for byte
+
+
 # --- whole batches -------------------------------------------------------------------------------------
 def test_redis_unreachable_at_start_is_one_clear_line(tiny_ov, archive, tmp_path, capsys):
     root, _, _ = archive
@@ -181,8 +222,6 @@ def test_killed_mid_batch_then_resumed(ray_local, redis_server, tiny_ov, tmp_pat
     process.wait()
     written = out.read_bytes()
     assert 1 <= written.count(b"\n") < len(clips)  # killed mid-batch
-    with open(out, "ab") as f:
-        f.write(b'{"path": "' + str(clips[-1]).encode())  # as if the kill had cut a write short
 
     assert main(["caption", *args, "--resume"]) == 0
     text = out.read_bytes()
