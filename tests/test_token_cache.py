@@ -160,8 +160,9 @@ def test_expired_part_is_a_miss(redis_server, client, request):  # noqa: F811
     cache = TokenCache(redis_server.url, part_bytes=500)
     key = fresh_key(request)
     cache.put(key, make_tokens())
-    client.pexpire(part_keys(client, key)[1], 1)
-    time.sleep(0.01)
+    expiring = part_keys(client, key)[1]
+    client.pexpire(expiring, 1)
+    assert _wait_until(lambda: not client.exists(expiring))
     assert cache.get(key) is None
     assert cache.stats().misses == 1 and cache.stats().corrupt == 0
     cache.put(key, make_tokens(seed=1))  # a rewrite repairs the entry
@@ -229,24 +230,28 @@ def test_reader_never_sees_a_mix_of_two_writes(redis_server, request):  # noqa: 
     writer.put(key, values[0])
     stop = threading.Event()
 
+    writes = [0]
+
     def rewrite() -> None:
         while not stop.is_set():
             for value in values:
                 writer.put(key, value)
+                writes[0] += 1
 
     thread = threading.Thread(target=rewrite)
     thread.start()
     try:
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
+        # Read until both sides have done enough work side by side, however slow the machine is.
+        deadline = time.monotonic() + 120  # only against a hang
+        while reader.stats().hits < 20 or writes[0] < 40:
+            assert time.monotonic() < deadline and thread.is_alive()
             got = reader.get(key)  # a miss is allowed (the parts were replaced between two reads)
             if got is not None:
                 assert_identical(got, values[0] if got.embeds.shape == values[0].embeds.shape else values[1])
     finally:
         stop.set()
         thread.join()
-    stats = reader.stats()
-    assert stats.hits > 10 and stats.corrupt == 0
+    assert reader.stats().corrupt == 0
 
 
 def test_key_depends_on_everything_that_changes_the_tokens():
@@ -289,12 +294,17 @@ def _unused_port() -> int:
         return sock.getsockname()[1]
 
 
+# What "fails fast" means: well before one command's timeout, i.e. no waiting on a dead socket and no
+# retries with backoff (a bound from the client's own settings, not from this machine's speed).
+OP_TIMEOUT_S = 30.0
+
+
 def test_unreachable_redis_fails_fast_with_the_url():
     url = f"redis://127.0.0.1:{_unused_port()}/0"
     start = time.monotonic()
     with pytest.raises(CacheUnavailable, match=f"Redis at {url} is unreachable"):
         TokenCache(url)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < OP_TIMEOUT_S / 3
 
 
 def test_unreachable_message_hides_the_password():
@@ -332,7 +342,7 @@ def test_server_gone_mid_use_raises_cache_unavailable(request):
         cache.put(key, make_tokens())
     with pytest.raises(CacheUnavailable):
         cache.exists(key)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < OP_TIMEOUT_S / 3  # three calls, none waiting on a timeout
 
 
 def test_embedded_redis_starts_configured_and_stops_cleanly():
