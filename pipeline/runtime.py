@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -104,10 +105,19 @@ def connect_ray(address: str | None, timeout_s: float = DEFAULT_RAY_CONNECT_TIME
         log.info("connecting to the Ray cluster at %s", address)
         check_ray_reachable(address, timeout_s)
         _init_within(address, timeout_s)
+        _exit_on_sigterm()
     else:
         # "local": a new Ray for this program, never a cluster some other program left running here.
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     return True
+
+
+def _exit_on_sigterm() -> None:
+    """What ray.init does in the main thread (ours ran in a helper): SIGTERM (``ray job stop``, docker stop)
+    exits through ``sys.exit``, so that ``finally`` blocks disconnect and stop the embedded Redis. A handler
+    the program set itself is kept."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _quiet_ray() -> None:

@@ -137,3 +137,22 @@ def test_ask_through_a_ray_client_address(token_head, tiny_ov, clip):
     assert run.returncode == 0, run.stderr[-3000:]
     answer, report = run.stdout.split("\n", 1)
     assert answer.strip() and "visual tokens:" in report  # the answer (in one piece), then the report
+
+
+def test_a_driver_connected_to_a_cluster_exits_cleanly_on_sigterm(token_head):
+    """ray.init runs in a helper thread (to bound it), so Ray cannot set its SIGTERM handler: ours does, so
+    that `ray job stop` still runs the program's `finally` blocks."""
+    address, _, env = token_head
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.runtime import connect_ray\n"
+         "connect_ray(sys.argv[1])\ntry:\n    print('connected', flush=True)\n    time.sleep(120)\n"
+         "finally:\n    print('cleaned up', flush=True)\n", address],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "connected"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+        assert driver.stdout.read().strip() == "cleaned up"
+    finally:
+        driver.kill()
+        driver.wait()

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import time
 
-import pytest
 import redis
 
 from pipeline.commands.stream import ResultSinks, undelivered_lines
