@@ -155,9 +155,9 @@ class VideoQAConfig:
     def tokens_to_keep(self, positions_per_frame: int) -> int:
         """DToMe's calibration target: average tokens kept per frame of ``positions_per_frame``."""
         if self.keep is not None:
-            if self.keep > positions_per_frame:
-                raise DymuError(f"keep is {self.keep}, but this model has only {positions_per_frame} visual tokens "
-                                f"per frame to keep")
+            if self.keep >= positions_per_frame:
+                raise DymuError(f"keep is {self.keep}, but a frame has {positions_per_frame} visual tokens: keep "
+                                f"must be between 1 and {positions_per_frame - 1}")
             return self.keep
         if self.keep_fraction is not None:
             return max(1, round(self.keep_fraction * positions_per_frame))

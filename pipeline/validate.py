@@ -110,8 +110,9 @@ def check_model(model: str, revision: str | None = None, device: str | None = No
     fingerprint = EncoderFingerprint.from_model_config(config)
     if keep is not None and fingerprint is not None:
         positions = (fingerprint.image_size // fingerprint.patch_size) ** 2 + (fingerprint.family == "clip")
-        if keep > positions:
-            raise DymuError(f"--keep {keep:g} is more than the {positions} visual tokens a frame of {model} has")
+        if keep >= positions:  # as calibration will say: keeping every token is no merging at all
+            raise DymuError(f"--keep {keep:g}: a frame of {model} has {positions} visual tokens, so the tokens to "
+                            f"keep must be between 1 and {positions - 1}")
     if thresholds is not None:
         Thresholds.load(thresholds, fingerprint)
     return config
