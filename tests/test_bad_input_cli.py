@@ -45,8 +45,8 @@ def files(tiny_ov, tmp_path_factory) -> Path:
     """A folder with everything the bad invocations name, by short relative names; ``tiny`` is a good model."""
     from PIL import Image
 
-    from dymu.families import checkpoint_config
     from dymu.thresholds import EncoderFingerprint, Thresholds
+    from dymu.vision.load import load_vision_model
 
     root = tmp_path_factory.mktemp("bad-input")
     (root / "tiny").symlink_to(tiny_ov)
@@ -61,7 +61,7 @@ def files(tiny_ov, tmp_path_factory) -> Path:
     (root / "lots.yaml").write_text("max_new_tokens: lots\n")
     (root / "corrupt.json").write_text('{"format": "dymu-thresh')
 
-    fingerprint = EncoderFingerprint.from_model_config(checkpoint_config(str(tiny_ov)))
+    fingerprint = EncoderFingerprint.of(load_vision_model(str(tiny_ov), "cpu", "float32").encoder())
     good = Thresholds(taus=[0.9] * fingerprint.num_layers, model_id="tiny", encoder=fingerprint,
                       target_keep=250.0, achieved_mean=260.0, achieved_std=9.0).to_json()
 
