@@ -95,6 +95,7 @@ FINGERPRINT = EncoderFingerprint(family="siglip", num_layers=4, feature_layer=-1
         (lambda d: d["taus"].__setitem__(0, "0.9"), '"taus" must be a list of cosines'),
         (lambda d: d.update(taus=None), '"taus" must be a list'),
         (lambda d: d.update(target_keep=math.nan), "target_keep must be a number >= 0"),
+        (lambda d: d["achieved"].update(std=math.inf), "achieved.std must be a number >= 0"),
         (lambda d: d.update(model=None), '"model" must be a mapping'),
         (lambda d: d["model"].update(num_layers="4"), "model.num_layers is '4'"),
     ],
