@@ -129,7 +129,10 @@ def max_image_pixels() -> int:
 
 
 def _open_image(path: Path) -> Image.Image:
-    """``Image.open`` (the header only: nothing is decoded yet) under dymu's pixel limit instead of Pillow's."""
+    """``Image.open`` (the header only: nothing is decoded yet) under dymu's pixel limit instead of Pillow's.
+
+    Pillow reads its own limit, a module global, only while opening; it is lifted for that moment alone, under
+    a lock, and put back as it was."""
     limit = max_image_pixels()
     with _pillow_limit_lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -7,8 +7,8 @@ the token counts it achieved there), so that a user can tell what it will cost.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
