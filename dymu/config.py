@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +25,71 @@ from dymu.llm.config import GenerateConfig, PruneConfig
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PRESETS = ("off", "low", "mid", "high")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a finite float (YAML's ``.nan`` and ``--top-p nan`` are not numbers here)."""
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= low
+
+
+def _number_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    def valid(v: Any) -> bool:
+        return (_is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+    return valid
+
+
+def _or_none(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or valid(v)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+# A nested section's values (prune) by their annotated type; their own __post_init__ checks the ranges.
+TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "str | None": (_or_none(_is_text), "a string"),
+}
+
+# Every option's test and, for the message, what a valid value is: "<option> must be <what>, got <value>".
+# The CLI, YAML files and the Python API all end here, so a bad value fails before anything starts.
+OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (_is_text, "a Hugging Face model id or a checkpoint folder"),
+    "revision": (_or_none(_is_text), "a branch, tag or commit"),
+    "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
+    "device": (lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None,
+               "auto, cpu, cuda, cuda:N or mps"),
+    "dtype": (lambda v: v in DTYPES, "one of auto, float32, bfloat16, float16"),
+    "num_frames": (_int_at_least(1), "an integer >= 1"),
+    "fps": (_or_none(_number_in(0, math.inf, low_open=True)), "a number > 0"),
+    "max_frames": (_int_at_least(1), "an integer >= 1"),
+    "dtome": (lambda v: isinstance(v, bool), "true or false"),
+    "keep_fraction": (_or_none(_number_in(0, 1, low_open=True, high_open=True)), "a number in (0, 1)"),
+    "keep": (_or_none(_int_at_least(1)), "an integer >= 1"),
+    "thresholds": (_or_none(_is_text), "the path of a thresholds file"),
+    "temporal_threshold": (_number_in(-1, 1), "a cosine in [-1, 1] (1.0 turns temporal merging off)"),
+    "reuse_threshold": (_number_in(0, math.inf), "a number >= 0 (0 = off)"),
+    "vtu": (lambda v: isinstance(v, bool), "true or false"),
+    "max_new_tokens": (_int_at_least(1), "an integer >= 1"),
+    "temperature": (_number_in(0, math.inf), "a number >= 0 (0 = greedy)"),
+    "top_p": (_number_in(0, 1, low_open=True), "a number in (0, 1]"),
+    "seed": (_or_none(_is_int), "an integer"),
+}
 
 
 @dataclass
@@ -66,24 +134,30 @@ class VideoQAConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.prune, dict):
+        if isinstance(self.thresholds, Path):
+            self.thresholds = str(self.thresholds)
+        if isinstance(self.prune, Mapping):
+            known = [f.name for f in dataclasses.fields(PruneConfig)]
+            unknown = sorted(set(self.prune) - set(known))
+            if unknown:
+                raise DymuError(f"unknown prune option(s): {', '.join(map(str, unknown))}; known: {', '.join(known)}")
+            for f in dataclasses.fields(PruneConfig):  # types here; PruneConfig checks the ranges
+                valid, what = TYPE_CHECKS.get(str(f.type), (lambda v: True, ""))
+                if f.name in self.prune and not valid(self.prune[f.name]):
+                    raise DymuError(f"prune.{f.name} must be {what}, got {self.prune[f.name]!r}")
             self.prune = PruneConfig(**self.prune)
-        if self.preset not in PRESETS:
-            raise DymuError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.num_frames is not None and self.num_frames < 1 and self.fps is None:
-            raise DymuError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.fps is not None and self.fps <= 0:
-            raise DymuError(f"fps must be > 0, got {self.fps}")
-        if self.keep_fraction is not None and not 0.0 < self.keep_fraction < 1.0:
-            raise DymuError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
-        if self.keep is not None and self.keep < 1:
-            raise DymuError(f"keep must be >= 1, got {self.keep}")
-        if self.temperature < 0:
-            raise DymuError(f"temperature must be >= 0, got {self.temperature}")
+        elif not isinstance(self.prune, PruneConfig):
+            raise DymuError(f"prune must be a mapping of pruning options (enabled, layer, min_keep, ...), "
+                            f"got {self.prune!r}")
+        for name in OPTION_CHECKS:
+            check_option(name, getattr(self, name))
 
     def tokens_to_keep(self, positions_per_frame: int) -> int:
         """DToMe's calibration target: average tokens kept per frame of ``positions_per_frame``."""
         if self.keep is not None:
+            if self.keep >= positions_per_frame:
+                raise DymuError(f"keep is {self.keep}, but a frame has {positions_per_frame} visual tokens: keep "
+                                f"must be between 1 and {positions_per_frame - 1}")
             return self.keep
         if self.keep_fraction is not None:
             return max(1, round(self.keep_fraction * positions_per_frame))
@@ -114,6 +188,13 @@ class VideoQAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_option(name: str, value: Any, flag: str | None = None) -> None:
+    """One option against ``OPTION_CHECKS``, for commands that take it outside a config (``flag`` names it)."""
+    valid, what = OPTION_CHECKS[name]
+    if not valid(value):
+        raise DymuError(f"{flag or name} must be {what}, got {value!r}")
 
 
 def load_presets() -> dict[str, dict[str, Any]]:

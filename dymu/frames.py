@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -94,7 +97,17 @@ def _has_video_signature(head: bytes) -> bool:
     )
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str | Path) -> bool:
+    """``scheme://...``: what a local path never is (``Path`` would fold its ``//`` into a mangled name)."""
+    return isinstance(text, str) and _URL.match(text) is not None
+
+
 def _existing_file(path: str | Path) -> Path:
+    if is_url(path):
+        raise MediaNotFound(f"{path}: a URL; this reads local files only, download it first")
     path = Path(path)
     if not path.exists():
         raise MediaNotFound(f"{path}: no such file")
@@ -105,10 +118,52 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
+# Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS (a guard against decompression bombs); dymu applies
+# the same limit itself, so that it can name it and say how to raise it.
+MAX_PIXELS_ENV = "DYMU_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+_pillow_limit_lock = threading.Lock()
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) read: ``$DYMU_MAX_IMAGE_PIXELS``, else Pillow's default limit."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise DymuError(f"{MAX_PIXELS_ENV} must be a number of pixels >= 1, got {text!r}")
+    return int(text)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open`` (the header only: nothing is decoded yet) under dymu's pixel limit instead of Pillow's.
+
+    Pillow reads its own limit, a module global, only while opening; it is lifted for that moment alone, under
+    a lock, and put back as it was."""
+    limit = max_image_pixels()
+    with _pillow_limit_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise UnsupportedMedia(
+            f"{path}: a {width}x{height} image ({width * height / 1e6:.1f} megapixels) is over the limit of "
+            f"{limit / 1e6:.1f} megapixels; set {MAX_PIXELS_ENV}={width * height} to read it"
+        )
+    return image
+
+
 def _is_still_image(path: Path) -> bool:
-    """Pillow recognises the file and it has a single frame (an animated GIF counts as a video)."""
+    """Pillow recognises the file and it has a single frame (an animated GIF counts as a video).
+
+    An image over the pixel limit raises ``UnsupportedMedia`` saying so."""
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             return getattr(image, "n_frames", 1) == 1
     except (UnidentifiedImageError, OSError, ValueError):
         return False
@@ -168,15 +223,13 @@ def load_image(path: str | Path) -> Image.Image:
     """Open a still image as RGB, upright (EXIF orientation applied)."""
     path = _existing_file(path)
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except UnidentifiedImageError as exc:
         if is_video_path(path):
             raise UnsupportedMedia(f"{path}: is a video, not an image") from exc
         raise UnsupportedMedia(f"{path}: neither an image nor a video") from exc
-    except Image.DecompressionBombError as exc:
-        raise UnsupportedMedia(f"{path}: image too large ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports truncated data as OSError
         raise CorruptMedia(f"{path}: truncated or corrupt image ({exc})") from exc
 

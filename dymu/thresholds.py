@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from dymu.errors import DymuError
-from dymu.vision.encoder import DToMeEncoder, layers_to_run
+from dymu.vision.encoder import _ADAPTERS, DToMeEncoder, layers_to_run  # tower model_type -> (family, parts)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dymu-thresholds"
 VERSION = 1
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (JSON's NaN and Infinity are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ThresholdsError(DymuError):
@@ -48,6 +54,19 @@ class EncoderFingerprint:
             patch_size=int(config.patch_size),
             hidden_size=int(config.hidden_size),
         )
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> "EncoderFingerprint | None":
+        """The fingerprint read off a checkpoint's config alone (no weights), or None when the config does not
+        tell it (a vision tower DToMe has no adapter for, a list of feature layers)."""
+        vision = getattr(config, "vision_config", None)
+        family = _ADAPTERS.get(getattr(vision, "model_type", None), (None,))[0]
+        feature_layer = getattr(config, "vision_feature_layer", None)
+        if family is None or not isinstance(feature_layer, int):
+            return None
+        return cls(family=family, num_layers=int(vision.num_hidden_layers), feature_layer=feature_layer,
+                   image_size=int(vision.image_size), patch_size=int(vision.patch_size),
+                   hidden_size=int(vision.hidden_size))
 
     def differences(self, other: "EncoderFingerprint") -> list[str]:
         mine, theirs = asdict(self), asdict(other)
@@ -104,19 +123,37 @@ class Thresholds:
             raise ThresholdsError("not a dymu thresholds file")
         if data.get("version") != VERSION:
             raise ThresholdsError(f"thresholds file version {data.get('version')!r}, this dymu reads version {VERSION}")
+        model = data.get("model")
+        achieved = data.get("achieved", {})
+        if not isinstance(model, dict) or "id" not in model:
+            raise ThresholdsError("malformed thresholds file: \"model\" must be a mapping with an \"id\"")
+        if not isinstance(achieved, dict):
+            raise ThresholdsError(f"malformed thresholds file: \"achieved\" must be a mapping of mean and std, "
+                                  f"got {achieved!r}")
+        taus = data.get("taus")
+        if not isinstance(taus, list) or not all(_is_real(t) and -1.0 <= t <= 1.0 for t in taus):
+            raise ThresholdsError(f"malformed thresholds file: \"taus\" must be a list of cosines in [-1, 1], "
+                                  f"got {taus!r}")
+        for name, value in (("target_keep", data.get("target_keep")), ("achieved.mean", achieved.get("mean")),
+                            ("achieved.std", achieved.get("std"))):
+            if (value is not None or name == "target_keep") and not (_is_real(value) and value >= 0):
+                raise ThresholdsError(f"malformed thresholds file: {name} must be a number >= 0, got {value!r}")
         try:
-            model = dict(data["model"])
+            model = dict(model)
             model_id = str(model.pop("id"))
             encoder = EncoderFingerprint(**model)
+            for name, value in asdict(encoder).items():
+                if not isinstance(value, str if name == "family" else int) or isinstance(value, bool):
+                    raise ValueError(f"model.{name} is {value!r}")
             thresholds = cls(
-                taus=[float(t) for t in data["taus"]],
+                taus=[float(t) for t in taus],
                 model_id=model_id,
                 encoder=encoder,
                 target_keep=float(data["target_keep"]),
                 preset=data.get("preset"),
                 calibration=dict(data.get("calibration") or {}),
-                achieved_mean=data.get("achieved", {}).get("mean"),
-                achieved_std=data.get("achieved", {}).get("std"),
+                achieved_mean=achieved.get("mean"),
+                achieved_std=achieved.get("std"),
                 created=str(data.get("created", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -125,6 +125,8 @@ class VideoQA:
     def answer(
         self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = ""
     ) -> Answer:
+        if not question.strip():
+            raise DymuError("the question is empty")
         kind = tokens.meta.get("kind", "video")
         generation = write_answer(self.family, tokens, question, kind, self.config.generate_config(self.family.config.text_config.num_hidden_layers), on_text)
         return Answer(question=question, text=generation.text or "", source=source,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from dymu.errors import DymuError
+from pipeline.validate import reject_url
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _list_file_entries(list_file: Path) -> Iterable[str]:
     return (line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str], command: str = "caption") -> list[Path]:
     """Absolute paths of the media files ``inputs`` name, in order, each once.
 
     An input is a file; a folder (its media files, recursively, by extension); a glob (``clips/**/*.mp4``);
@@ -63,8 +64,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         if item.startswith("@"):
             list_file = Path(item[1:]).expanduser().resolve()
             for entry in _list_file_entries(list_file):
+                reject_url(entry, command)
                 files.extend(_expand_one(entry, list_file.parent))
         else:
+            reject_url(item, command)
             files.extend(_expand_one(item, Path.cwd()))
     unique = dict.fromkeys(p.resolve() for p in files)
     if not unique:

@@ -8,6 +8,7 @@ import torch
 
 from media import audio_only_file, changing_video, empty_video, flat_video, static_video, textured_image, truncated_copy
 from pipeline.cli import main
+from dymu.errors import DymuError
 from dymu.videoqa import VideoQA
 
 
@@ -147,6 +148,12 @@ def test_bad_input_is_one_clear_line_and_exit_2(tiny_ov, tmp_path, capsys, make_
 def test_zero_frames_requested_is_refused(tiny_ov, videos, capsys):
     assert main(["ask", str(videos["static"]), "What?", "--model", str(tiny_ov), "--frames", "0"]) == 2
     assert "num_frames" in capsys.readouterr().err
+
+
+def test_an_empty_question_is_refused_by_the_python_api(qa_off, videos):
+    tokens = qa_off.encode(qa_off.read(videos["image"]))
+    with pytest.raises(DymuError, match="the question is empty"):
+        qa_off.answer(tokens, " \n")
 
 
 def test_question_longer_than_the_context_is_refused(tiny_llava, videos, capsys):

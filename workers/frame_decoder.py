@@ -19,13 +19,9 @@ from workers.token_cache import content_hash
 
 def family_supports_video(model: str, revision: str | None = None) -> bool:
     """Whether the checkpoint's family answers about videos, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
+    from dymu.families import FAMILIES, checkpoint_config
 
-    from dymu.families import FAMILIES
-    from dymu.families.base import load_pretrained
-
-    family = FAMILIES.get(load_pretrained(AutoConfig, model, revision).model_type)
-    return bool(family and family.supports_video)
+    return bool(FAMILIES[checkpoint_config(model, revision).model_type].supports_video)
 
 
 class FrameDecoder:

@@ -1,10 +1,21 @@
 """One thin adapter per VLM family; `load_family` picks it from the checkpoint's config."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 
 from dymu.errors import DymuError
-from dymu.families.base import ModelNotAvailable, Prompt, VLMFamily, load_pretrained, resolve_device_dtype
+from dymu.families.base import (
+    ModelNotAvailable,
+    Prompt,
+    VLMFamily,
+    check_device,
+    load_pretrained,
+    read_config_file,
+    resolve_device_dtype,
+)
 from dymu.families.llava import LlavaFamily
 from dymu.families.onevision import OneVisionFamily
 
@@ -15,16 +26,32 @@ def load_family(
     model_id: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto", revision: str | None = None
 ) -> VLMFamily:
     """Load a checkpoint (hub id or local folder) and wrap it in its family adapter."""
+    config = checkpoint_config(model_id, revision)
+    dev, dt = resolve_device_dtype(device, dtype)
+    return FAMILIES[config.model_type].load(model_id, dev, dt, revision)
+
+
+def checkpoint_config(model_id: str, revision: str | None = None) -> Any:
+    """The checkpoint's config (its config.json only, no weights), checked to be a family dymu supports."""
     from transformers import AutoConfig
 
-    config = load_pretrained(AutoConfig, model_id, revision)
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise DymuError(
-            f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision and LLaVA-1.5 checkpoints"
-        )
-    dev, dt = resolve_device_dtype(device, dtype)
-    return family.load(model_id, dev, dt, revision)
+    try:
+        config = load_pretrained(AutoConfig, model_id, revision)
+    except ValueError as exc:  # transformers cannot tell what model the config.json describes
+        raw = read_config_file(model_id, "config.json", revision)
+        try:
+            model_type = json.loads(raw).get("model_type") if raw else None
+        except (json.JSONDecodeError, AttributeError):
+            raise ModelNotAvailable(f"{model_id}: config.json is not a JSON object") from exc
+        if model_type is None:
+            raise ModelNotAvailable(f"{model_id}: config.json has no \"model_type\", so it names no model "
+                                    f"(expected one of {', '.join(FAMILIES)})") from exc
+        raise ModelNotAvailable(f"{model_id}: model_type {model_type!r} is unknown to this transformers; "
+                                f"supported: {', '.join(FAMILIES)}") from exc
+    if config.model_type not in FAMILIES:
+        raise DymuError(f"{model_id} is a {config.model_type!r} model; supported: {', '.join(FAMILIES)}")
+    return config
 
 
-__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "VLMFamily", "load_family"]
+__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "VLMFamily", "check_device",
+           "checkpoint_config", "load_family"]

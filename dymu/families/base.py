@@ -107,11 +107,30 @@ class LlavaParts:
         return self.model.model.multi_modal_projector(features)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a DymuError if it is malformed or this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DymuError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DymuError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU that torch "
+                            f"{torch.__version__} can use; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise DymuError(f"device {str(device)!r} asked for, but this machine has {count} CUDA GPU(s) "
+                            f"(cuda:0 to cuda:{count - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DymuError(f"device {str(device)!r} asked for, but this machine has no MPS (Apple GPU) backend")
+    return dev
+
+
 def resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     """``auto`` picks CUDA with bf16 when there is a GPU and CPU with fp32 otherwise."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if isinstance(dtype, torch.dtype):
         return dev, dtype
     if dtype in (None, "auto"):

@@ -86,20 +86,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dymu.errors import DymuError
-    from dymu.frames import media_kind
     from dymu.config import make_config
-    from pipeline.jobs import Pipeline
-    from pipeline.runtime import runtime_from_args
-    from dymu.videoqa import format_report
-    from workers.frame_decoder import family_supports_video
+    from dymu.errors import DymuError
+    from dymu.families import FAMILIES
+    from dymu.frames import media_kind
+    from pipeline.validate import check_args, check_config, check_text, is_local_run, reject_url
 
-    # Bad input fails before anything starts: a missing or unreadable file, a checkpoint that is not there,
-    # a video for an image-only model.
+    # Bad input fails before anything starts: a URL, an empty question, a missing or unreadable file, a bad
+    # option, a checkpoint or thresholds file that is not there or does not fit, a video for an image-only model.
+    reject_url(args.path, "ask")
+    for question in args.question:
+        check_text(question, "question")
+    check_args(args)
     kind = media_kind(args.path)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
-    if kind == "video" and not family_supports_video(config.model, config.revision):
+    checkpoint = check_config(config, local=is_local_run(args.ray_address))
+    if kind == "video" and not FAMILIES[checkpoint.model_type].supports_video:
         raise DymuError(f"{config.model} answers about images only, and {args.path} is a video")
+
+    from dymu.videoqa import format_report
+    from pipeline.jobs import Pipeline
+    from pipeline.runtime import runtime_from_args
+
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     with runtime_from_args(args) as runtime, Pipeline(
         config, runtime.redis_url, decoders=args.decoders or 1, model_worker_cpus=args.model_worker_cpus

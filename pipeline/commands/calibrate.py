@@ -39,12 +39,20 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dymu.calibrate import calibrate, preset_keep, token_counts
+    from dymu.config import check_option
     from dymu.errors import DymuError
     from dymu.thresholds import EncoderFingerprint, Thresholds
     from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
+    from pipeline.validate import check_args, check_model, check_writable
 
-    if args.batch_size < 1 or args.frames_per_video < 1:
-        raise DymuError("--batch-size and --frames-per-video must be at least 1")
+    # Everything that can be wrong is found before the model loads and the calibration runs.
+    check_args(args)
+    for name in ("device", "dtype"):
+        check_option(name, getattr(args, name), flag=f"--{name}")
+    if args.keep is not None and not args.keep > 0:
+        raise DymuError(f"--keep must be > 0, got {args.keep:g}")
+    check_writable(args.out)
+    check_model(args.model, device=args.device, keep=args.keep)
     files = media_files(args.data)
     if not files:
         raise DymuError("the calibration set is empty: no image or video in " + " ".join(args.data))

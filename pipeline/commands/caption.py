@@ -84,18 +84,20 @@ def caption_record(result: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dymu.errors import DymuError
     from dymu.config import make_config
+    from dymu.errors import DymuError
     from pipeline.inputs import expand_inputs
     from pipeline.jobs import Job
     from pipeline.jsonl import JsonlFile
-    from workers.frame_decoder import family_supports_video
+    from pipeline.validate import check_args, check_config, check_text, is_local_run
 
     if args.retry_failed and not args.resume:
         raise DymuError("--retry-failed goes with --resume")
-    paths = expand_inputs(args.inputs)
+    check_text(args.prompt, "--prompt")
+    check_args(args)
+    paths = expand_inputs(args.inputs, command="caption")
     config = make_config(args.preset, args.config_file, **config_overrides(args))
-    family_supports_video(config.model, config.revision)  # a checkpoint that is not there fails before the batch
+    check_config(config, local=is_local_run(args.ray_address))  # a checkpoint that is not there fails before the batch
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     with JsonlFile.open(args.out, mode) as out:
         if args.retry_failed:

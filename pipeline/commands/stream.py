@@ -173,14 +173,18 @@ def run(args: argparse.Namespace) -> int:
     from dymu.config import make_config
     from pipeline.ingest import FeedOptions
     from pipeline.stream import LiveStreams, connect_feeds
+    from pipeline.validate import check_args, check_config, check_text, check_writable, is_local_run
     from workers.redis_server import connect_redis
     from workers.token_cache import TokenCache
 
     # SIGTERM stops like Ctrl-C: the same `finally` closes the readers and joins their processes.
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.max_results is not None and args.max_results < 1:
-        raise DymuError("--max-results must be >= 1")
+    check_text(args.prompt, "prompt")
+    check_args(args)
+    if args.out:
+        check_writable(args.out)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
+    check_config(config, local=is_local_run(args.ray_address))
     options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
                           stall_timeout_s=args.stall_timeout, realtime=args.realtime)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or None

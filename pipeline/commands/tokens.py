@@ -30,10 +30,14 @@ def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.thresholds import EncoderFingerprint, Thresholds
     from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
+    from dymu.config import check_option
+    from pipeline.validate import check_args, check_model
 
-    if args.batch_size < 1 or args.frames_per_video < 1:
-        raise DymuError("--batch-size and --frames-per-video must be at least 1")
-    Thresholds.load(args.thresholds)  # a broken file fails before the model is loaded
+    check_args(args)
+    for name in ("device", "dtype"):
+        check_option(name, getattr(args, name), flag=f"--{name}")
+    # A broken checkpoint or thresholds file, or one made for another encoder, fails before the model loads.
+    check_model(args.model, device=args.device, thresholds=args.thresholds)
     files = media_files(args.paths)
     if not files:
         raise DymuError("no image or video in " + " ".join(args.paths))
