@@ -19,6 +19,7 @@ import yaml
 from dymu.calibrate import preset_keep
 from dymu.errors import DymuError
 from dymu.llm.config import GenerateConfig, PruneConfig
+from dymu.merge import MERGE_ORDERS
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PRESETS = ("off", "low", "mid", "high")
@@ -35,6 +36,9 @@ class VideoQAConfig:
         patch tokens kept per frame (None: the preset's share), ``keep`` the same as an absolute count.
     thresholds: a thresholds JSON from `dymu-video calibrate`; None = the bundled or cached file for this
         model and preset, calibrated on the first video's frames when there is none.
+    merge_order: how DToMe arranges the tokens after each merge, which decides the next layer's pairs:
+        "positional" (default: tokens stay in patch order) or "authors" (DyMU's own code: unmerged tokens by
+        descending similarity, then the others), for thresholds calibrated with the authors' code.
     temporal_threshold: cosine above which a token merges with the previous frame's; >= 1.0 turns it off.
     reuse_threshold: a frame none of whose patches changed by more than this since the last encoded frame
         (mean absolute difference of normalised pixels over a patch) reuses its encoder output; 0 = off.
@@ -56,6 +60,7 @@ class VideoQAConfig:
     keep_fraction: float | None = None
     keep: int | None = None
     thresholds: str | None = None
+    merge_order: str = "positional"
     temporal_threshold: float = 0.9
     reuse_threshold: float = 0.0
     vtu: bool = True
@@ -78,6 +83,8 @@ class VideoQAConfig:
             raise DymuError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
         if self.keep is not None and self.keep < 1:
             raise DymuError(f"keep must be >= 1, got {self.keep}")
+        if self.merge_order not in MERGE_ORDERS:
+            raise DymuError(f"unknown merge order {self.merge_order!r}; choose one of {', '.join(MERGE_ORDERS)}")
         if self.temperature < 0:
             raise DymuError(f"temperature must be >= 0, got {self.temperature}")
 
@@ -108,7 +115,7 @@ class VideoQAConfig:
     def encoder_fingerprint(self) -> str:
         """A short hash of every option that changes the visual tokens (for caches and reports)."""
         keys = ("model", "revision", "num_frames", "fps", "max_frames", "dtome", "keep_fraction", "keep",
-                "thresholds", "temporal_threshold", "reuse_threshold", "dtype")
+                "thresholds", "merge_order", "temporal_threshold", "reuse_threshold", "dtype")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
