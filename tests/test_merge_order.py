@@ -119,3 +119,20 @@ def test_calibrate_command_reaches_its_target_on_its_own_data(model, order, requ
     report = json.loads(capsys.readouterr().out)
     counts = [item["after"] for item in report["items"]]
     assert sum(counts) / len(counts) == pytest.approx(thresholds.achieved_mean)
+
+
+def test_videoqa_encodes_with_the_configured_merge_order(tiny_ov, tmp_path, monkeypatch):
+    from dymu.videoqa import VideoQA
+    from tests.media import changing_video
+
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path / "cache"))
+    video = changing_video(tmp_path / "clip.mp4", num_frames=4, size=96)
+    qa = VideoQA.from_pretrained(str(tiny_ov), preset="mid", merge_order="authors", num_frames=4, device="cpu",
+                                 dtype="float32")
+    tokens = qa.encode(qa.read(video))
+    assert qa.visual_tokenizer().encoder.merge_order == "authors"
+    assert tokens.config_hash == make_config("mid", model=str(tiny_ov), merge_order="authors", num_frames=4,
+                                             device="cpu", dtype="float32").encoder_fingerprint()
+    saved = list((tmp_path / "cache" / "thresholds").glob("*.json"))
+    assert len(saved) == 1 and saved[0].stem.endswith("-authors")
+    assert Thresholds.load(saved[0]).calibration["merge_order"] == "authors"
