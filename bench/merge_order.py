@@ -78,7 +78,8 @@ def main() -> None:
         counts["positional"].append(n_ours)
         counts["authors"].append(n_theirs)
         diffs.append(n_theirs - n_ours)
-        print(f"{i:>5}  {str(first_merge):>11}  {same_through:>12}  {n_ours:>10}  {n_theirs:>7}  {n_theirs - n_ours:>+5}")
+        print(f"{i:>5}  {str(first_merge):>11}  {same_through:>12}  {n_ours:>10}  {n_theirs:>7}  "
+              f"{n_theirs - n_ours:>+5}")
     print(f"mean tokens: positional {statistics.mean(counts['positional']):.1f}, "
           f"authors {statistics.mean(counts['authors']):.1f}; count difference mean "
           f"{statistics.mean(diffs):+.1f}, largest {max(diffs, key=abs):+d}")
