@@ -20,6 +20,8 @@ from dymu.vision.encoder import DToMeEncoder
 
 log = logging.getLogger(__name__)
 
+NO_MERGE = 1.0  # the threshold of a layer that never merges: no cosine is above 1
+
 # DyMU-low/mid/high keep ~89/195/394 of LLaVA-1.5's 576 tokens on average; other grids keep the same share.
 PRESET_SHARES = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
 
@@ -61,8 +63,10 @@ class BatchTopPolicy:
         return merge
 
     def taus(self) -> list[float]:
-        # A layer that merged every edge it was offered never saw a limit: let it merge anything.
-        return [sum(seen) / len(seen) if seen else -1.0 for seen in self.observed]
+        # A layer that recorded no threshold (it merged every edge it was offered, or was asked for none)
+        # gets the default 1.0, no merging: a made-up low threshold would let inference merge whatever the
+        # cap allows, far more than calibration asked of it on content simpler than its data.
+        return [sum(seen) / len(seen) if seen else NO_MERGE for seen in self.observed]
 
 
 def calibrate(

@@ -22,6 +22,7 @@ import yaml
 from dymu.calibrate import preset_keep
 from dymu.errors import DymuError
 from dymu.llm.config import GenerateConfig, PruneConfig
+from dymu.merge import MERGE_ORDERS
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PRESETS = ("off", "low", "mid", "high")
@@ -89,6 +90,7 @@ OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (_number_in(0, math.inf), "a number >= 0 (0 = greedy)"),
     "top_p": (_number_in(0, 1, low_open=True), "a number in (0, 1]"),
     "seed": (_or_none(_is_int), "an integer"),
+    "merge_order": (lambda v: v in MERGE_ORDERS, "one of " + ", ".join(MERGE_ORDERS)),
 }
 
 
@@ -103,6 +105,9 @@ class VideoQAConfig:
         patch tokens kept per frame (None: the preset's share), ``keep`` the same as an absolute count.
     thresholds: a thresholds JSON from `dymu-video calibrate`; None = the bundled or cached file for this
         model and preset, calibrated on the first video's frames when there is none.
+    merge_order: how DToMe arranges the tokens after each merge, which decides the next layer's pairs:
+        "positional" (default: tokens stay in patch order) or "authors" (DyMU's own code: unmerged tokens by
+        descending similarity, then the others), for thresholds calibrated with the authors' code.
     temporal_threshold: cosine above which a token merges with the previous frame's; >= 1.0 turns it off.
     reuse_threshold: a frame none of whose patches changed by more than this since the last encoded frame
         (mean absolute difference of normalised pixels over a patch) reuses its encoder output; 0 = off.
@@ -124,6 +129,7 @@ class VideoQAConfig:
     keep_fraction: float | None = None
     keep: int | None = None
     thresholds: str | None = None
+    merge_order: str = "positional"
     temporal_threshold: float = 0.9
     reuse_threshold: float = 0.0
     vtu: bool = True
@@ -182,7 +188,7 @@ class VideoQAConfig:
     def encoder_fingerprint(self) -> str:
         """A short hash of every option that changes the visual tokens (for caches and reports)."""
         keys = ("model", "revision", "num_frames", "fps", "max_frames", "dtome", "keep_fraction", "keep",
-                "thresholds", "temporal_threshold", "reuse_threshold", "dtype")
+                "thresholds", "merge_order", "temporal_threshold", "reuse_threshold", "dtype")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

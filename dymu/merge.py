@@ -10,8 +10,14 @@ while every image has the same count).
     lengths  B ints  rows per image;
     mapping  (B, N)  for every original position, the row (within its image) that stands for it.
 
-Rows keep the relative order of the positions they started from, so a protected prefix (CLIP's CLS token)
-stays in front and the alternate A/B split of a row depends only on its own image.
+Rows keep the relative order of the positions they started from ("positional" order, the default), so a
+protected prefix (CLIP's CLS token) stays in front and the alternate A/B split of a row depends only on its
+own image. DyMU's own code (ToMe's) instead rebuilds each image as [A rows left unmerged, by descending
+cosine of their best edge] + [B rows] ("authors" order), and the next layer splits that order alternately;
+``merge_tokens(order="authors")`` reproduces it, for thresholds calibrated with their code. Both orders
+merge the same edges up to the first layer that merges; the partitions differ after it, the token counts
+only a little. Positional stays the default: a row's A/B side then depends on where its patches are, not
+on rounding in the previous layer's scores, and the result reads in patch order.
 
 One merge step (per ViT layer, after the attention residual): the layer's keys, averaged over heads, are
 the similarity metric. Even rows form set A, odd rows set B; each A row gets one edge to its most similar B
@@ -75,10 +81,17 @@ class Edges:
 
     scores:  (B, TA) cosine of each edge; -inf where the A row may not merge (padding, protected, over the cap).
     targets: (B, TA) index into the B rows (row ``2 * target + 1``).
+    authors_rank: (B, TA) the rank of each A row in DyMU's own order of unmerged A rows: by descending
+        cosine of its best edge, or by position when a protected CLS row must stay first (their code sorts
+        those back). None: rank by ``scores``.
     """
 
     scores: Tensor
     targets: Tensor
+    authors_rank: Tensor | None = None
+
+
+MERGE_ORDERS = ("positional", "authors")
 
 
 def initial_state(x: Tensor) -> TokenState:
@@ -114,7 +127,8 @@ def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Ed
     open_a, open_b = mergeable[:, ::2], mergeable[:, 1::2]
     if length < 2:
         scores = torch.full(open_a.shape, float("-inf"), device=metric.device)
-        return Edges(scores=scores, targets=torch.zeros_like(open_a, dtype=torch.long))
+        targets = torch.zeros_like(open_a, dtype=torch.long)
+        return Edges(scores=scores, targets=targets, authors_rank=targets.clone())
 
     metric = F.normalize(metric.float(), dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
@@ -126,9 +140,10 @@ def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Ed
 
     # Rank the edges of each image to enforce the cap; there are at most ~T/2 of them, so this is cheap.
     cap = mergeable.sum(dim=1, keepdim=True) // 2
-    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
+    rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    authors_rank = rank if num_protected == 0 else position[: open_a.shape[1]].expand_as(rank)
     scores = scores.masked_fill(rank >= cap, float("-inf"))
-    return Edges(scores=scores, targets=targets)
+    return Edges(scores=scores, targets=targets, authors_rank=authors_rank)
 
 
 def threshold_merges(edges: Edges, tau: float) -> Tensor:
@@ -152,26 +167,32 @@ def batch_top_merges(edges: Edges, num_merges: int) -> tuple[Tensor, float | Non
     return merge.view_as(edges.scores), tau
 
 
-def merge_tokens(state: TokenState, edges: Edges, merge: Tensor) -> TokenState:
+def merge_tokens(state: TokenState, edges: Edges, merge: Tensor, order: str = "positional") -> TokenState:
     """Merge each chosen A row into its B row (size-weighted mean) and drop it.
 
     Work is one gather of the surviving rows plus arithmetic on the merged rows only; rows that absorb
     nothing are copied bit for bit. The mapping follows: positions of a merged A row now point at the row
-    that absorbed it.
+    that absorbed it. ``order`` says how the surviving rows are arranged (see the module's docstring).
     """
+    if order not in MERGE_ORDERS:
+        raise ValueError(f"unknown merge order {order!r}; expected one of {MERGE_ORDERS}")
     real = state.row_mask()
     keep = real.clone()
     keep[:, ::2] &= ~merge
-    new_row = keep.cumsum(dim=1) - 1  # row within its image after merging
+    lengths = keep.sum(dim=1)
+    if order == "positional":
+        new_row = keep.cumsum(dim=1) - 1  # row within its image after merging
+        kept = keep[real].nonzero().squeeze(1)  # index_select copies rows faster than boolean indexing
+    else:
+        new_row, kept = _authors_order(state, edges, keep, lengths)
     destination = new_row.clone()
     destination[:, ::2] = torch.where(merge, new_row[:, 1::2].gather(1, edges.targets), new_row[:, ::2])
     mapping = destination.gather(1, state.mapping)
 
-    kept = keep[real].nonzero().squeeze(1)  # index_select copies rows faster than boolean indexing
     merged = TokenState(
         x=state.x.index_select(0, kept),
         sizes=state.sizes.index_select(0, kept),
-        lengths=keep.sum(dim=1).tolist(),
+        lengths=lengths.tolist(),
         mapping=mapping,
     )
     image, a = merge.nonzero(as_tuple=True)
@@ -188,3 +209,23 @@ def merge_tokens(state: TokenState, edges: Edges, merge: Tensor) -> TokenState:
     merged.x[rows] = (weighted / total[:, None]).to(merged.x.dtype)
     merged.sizes[rows] = total
     return merged
+
+
+def _authors_order(state: TokenState, edges: Edges, keep: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """DyMU's row order after a merge: the surviving A rows by ``edges.authors_rank``, then the B rows.
+
+    Returns each slot's row within its image after merging (meaningful where ``keep``) and the packed
+    indices of the surviving rows in their new order.
+    """
+    batch, length = keep.shape
+    slot = torch.arange(length, device=keep.device).expand(batch, length)
+    rank = edges.authors_rank
+    if rank is None:
+        rank = edges.scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    key = slot + length  # B rows after every A row, in their current order
+    key[:, ::2] = rank
+    key = key.masked_fill(~keep, 2 * length)  # dropped and padding slots sort last
+    order = key.argsort(dim=1, stable=True)
+    new_row = order.argsort(dim=1)
+    kept = (state.offsets()[:, None] + order)[slot < lengths[:, None]]
+    return new_row, kept

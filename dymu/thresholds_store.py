@@ -31,10 +31,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _file_name(model_id: str, fingerprint: EncoderFingerprint, keep: int) -> str:
+def _file_name(model_id: str, fingerprint: EncoderFingerprint, keep: int, merge_order: str = "positional") -> str:
     digest = hashlib.sha256(json.dumps([model_id, asdict(fingerprint)], sort_keys=True).encode()).hexdigest()[:12]
     stem = Path(model_id.rstrip("/")).name or "model"
-    return f"{stem}-{digest}-keep{keep}.json"
+    order = "" if merge_order == "positional" else f"-{merge_order}"  # thresholds depend on the merge order
+    return f"{stem}-{digest}-keep{keep}{order}.json"
+
+
+def merge_order_of(thresholds: Thresholds) -> str:
+    """The merge order thresholds were calibrated with (files from before the option: positional)."""
+    return str(thresholds.calibration.get("merge_order", "positional"))
 
 
 def find_thresholds(
@@ -43,8 +49,12 @@ def find_thresholds(
     """The thresholds to use for ``model_id`` at ``keep`` tokens per frame, or None if there are none yet."""
     fingerprint = EncoderFingerprint.of(encoder)
     if explicit is not None:
-        return Thresholds.load(explicit, fingerprint, model_id)
-    name = _file_name(model_id, fingerprint, keep)
+        thresholds = Thresholds.load(explicit, fingerprint, model_id)
+        if merge_order_of(thresholds) != encoder.merge_order:
+            log.warning("%s was calibrated with the %s merge order and is applied with the %s one; token counts "
+                        "will differ from its calibration", explicit, merge_order_of(thresholds), encoder.merge_order)
+        return thresholds
+    name = _file_name(model_id, fingerprint, keep, encoder.merge_order)
     bundled = resources.files("configs").joinpath("thresholds", name)
     if bundled.is_file():
         return Thresholds.from_json(json.loads(bundled.read_text())).check(fingerprint, model_id)
@@ -59,7 +69,7 @@ def calibrate_and_cache(
     model_id: str, encoder: DToMeEncoder, keep: int, pixels: torch.Tensor, source: str, batch_size: int = 8
 ) -> Thresholds:
     """Calibrate on ``pixels`` (the job's own first frames), save to the cache and return the thresholds."""
-    path = cache_dir() / "thresholds" / _file_name(model_id, EncoderFingerprint.of(encoder), keep)
+    path = cache_dir() / "thresholds" / _file_name(model_id, EncoderFingerprint.of(encoder), keep, encoder.merge_order)
     log.warning(
         "no DToMe thresholds calibrated for %s at %d tokens per frame yet: calibrating on the %d frames of %s "
         "(saved to %s; run `dymu-video calibrate` on representative data for better ones)",
@@ -72,7 +82,8 @@ def calibrate_and_cache(
         model_id=model_id,
         encoder=EncoderFingerprint.of(encoder),
         target_keep=float(keep),
-        calibration={"data": [source], "frames": len(pixels), "batch_size": batch_size, "auto": True},
+        calibration={"data": [source], "frames": len(pixels), "batch_size": batch_size, "auto": True,
+                     "merge_order": encoder.merge_order},
     )
     thresholds.save(path)
     return thresholds

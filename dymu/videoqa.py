@@ -110,7 +110,7 @@ class VideoQA:
         if not config.dtome:
             self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
             return self._visual
-        probe = VisualTokenizer(self.family, None, config.temporal_threshold)
+        probe = VisualTokenizer(self.family, None, config.temporal_threshold, merge_order=config.merge_order)
         keep = config.tokens_to_keep(probe.encoder.num_positions)
         thresholds = find_thresholds(config.model, probe.encoder, keep, config.thresholds)
         if thresholds is None:
@@ -118,7 +118,8 @@ class VideoQA:
                 raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
             pixels = self.family.frame_pixels(media.frames) if media.kind == "video" else self.family.image_pixels(media.image)[0]
             thresholds = calibrate_and_cache(config.model, probe.encoder, keep, pixels, media.source)
-        self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold, config.reuse_threshold)
+        self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold, config.reuse_threshold,
+                                       merge_order=config.merge_order)
         return self._visual
 
     # --- stage 3: the answer ---------------------------------------------------------------------------

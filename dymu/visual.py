@@ -62,6 +62,7 @@ class VisualTokenizer:
         output instead of running the encoder again; 0 = encode every frame. A static camera then costs
         about one encoder pass.
     batch_size: frames per encoder call (bounds memory on long videos).
+    merge_order: DToMe's row order after each merge ("positional" or "authors", see ``dymu.merge``).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class VisualTokenizer:
         temporal_threshold: float = 1.0,
         reuse_threshold: float = 0.0,
         batch_size: int = 8,
+        merge_order: str = "positional",
     ):
         self.family = family
         self.taus = None if taus is None else list(taus)
@@ -78,7 +80,8 @@ class VisualTokenizer:
         self.reuse_threshold = reuse_threshold
         self.batch_size = batch_size
         drop_cls = getattr(family.config, "vision_feature_select_strategy", "full") == "default"
-        self.encoder = DToMeEncoder(family.vision_tower, taus, family.feature_layer, drop_cls=drop_cls)
+        self.encoder = DToMeEncoder(family.vision_tower, taus, family.feature_layer, drop_cls=drop_cls,
+                                    merge_order=merge_order)
 
     @property
     def device(self) -> torch.device:

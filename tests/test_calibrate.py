@@ -58,7 +58,7 @@ def test_policy_merges_the_batch_share_and_records_the_next_score():
     edges = Edges(scores=torch.tensor([[0.9, 0.3], [0.8, 0.7]]), targets=torch.zeros(2, 2, dtype=torch.long))
     merge = policy.choose(0, edges)  # 2 images * 1.5 = 3 merges
     assert merge.tolist() == [[True, False], [True, True]]
-    assert policy.taus() == [pytest.approx(0.3), -1.0]  # layer 1 saw nothing: no limit
+    assert policy.taus() == [pytest.approx(0.3), 1.0]  # layer 1 recorded nothing: it does not merge
 
 
 @pytest.mark.parametrize("model", ["ov", "llava"])
@@ -73,6 +73,19 @@ def test_calibration_reaches_its_target_on_its_own_data(model, request):
     counts = token_counts(vision.encoder(taus), pixels.split(4))
     assert abs(np.mean(counts) / keep - 1) < 0.10, (keep, counts)
     assert np.std(counts) > 0  # per-image counts follow content
+
+
+def test_a_layer_that_records_no_threshold_ends_at_one(ov):
+    """A target the late layers cannot reach makes them merge every edge they are offered, so they record
+    no threshold: they must end at 1.0 (no merging), not at a threshold that merges all the cap allows."""
+    pixels = ov.pixels(natural_images(4, seed=2))
+    policy = BatchTopPolicy(merges_per_layer(729, 20, 4), 4)
+    ov.encoder().run(pixels, policy)
+    silent = [layer for layer, seen in enumerate(policy.observed) if not seen]
+    assert silent and silent[0] > 0
+    taus = calibrate(ov.encoder(), [pixels], 20)
+    assert [taus[layer] for layer in silent] == [1.0] * len(silent)
+    assert all(-1.0 <= tau < 1.0 for layer, tau in enumerate(taus) if layer not in silent)
 
 
 def test_more_tokens_kept_means_higher_thresholds(ov):

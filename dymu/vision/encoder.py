@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from dymu.errors import DymuError
+from dymu.merge import MERGE_ORDERS
 from dymu.vision.clip import clip_parts
 from dymu.vision.runner import EncoderParts, MergedImage, MergePolicy, ThresholdPolicy, run_layers, split_images
 from dymu.vision.siglip import siglip_parts
@@ -43,7 +44,9 @@ class DToMeEncoder:
     """A vision tower run with DToMe, up to its feature layer, with the tower's own weights.
 
     ``taus``: one threshold per layer run (``None``: all 1.0, i.e. the stock features). ``drop_cls``: leave
-    CLIP's CLS token out of the result (LLaVA's "default" feature strategy).
+    CLIP's CLS token out of the result (LLaVA's "default" feature strategy). ``merge_order``: how rows are
+    arranged after each merge, which decides the next layer's A/B split: "positional" (default) or
+    "authors" (DyMU's own code; see ``dymu.merge``).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class DToMeEncoder:
         taus: Sequence[float] | None = None,
         feature_layer: int = -1,
         drop_cls: bool = False,
+        merge_order: str = "positional",
     ):
         self.tower = tower
         self.family = vision_family(tower)
@@ -59,6 +63,9 @@ class DToMeEncoder:
         self.num_layers = layers_to_run(feature_layer, len(self.parts.layers))
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls and self.parts.num_protected > 0
+        if merge_order not in MERGE_ORDERS:
+            raise DymuError(f"unknown merge order {merge_order!r}; choose one of {', '.join(MERGE_ORDERS)}")
+        self.merge_order = merge_order
         self.taus = [1.0] * self.num_layers if taus is None else [float(t) for t in taus]
         if len(self.taus) != self.num_layers:
             raise DymuError(f"{len(self.taus)} thresholds given for {self.num_layers} encoder layers")
@@ -82,5 +89,5 @@ class DToMeEncoder:
         """As ``__call__`` but with any merge policy (calibration uses the batch's top edges)."""
         weight = next(self.tower.parameters())
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
-        state = run_layers(self.parts, pixel_values, self.num_layers, policy)
+        state = run_layers(self.parts, pixel_values, self.num_layers, policy, self.merge_order)
         return split_images(state, drop_first=self.drop_cls)

@@ -46,8 +46,9 @@ class VisionModel:
     def image_size(self) -> int:
         return int(self.tower.config.image_size)
 
-    def encoder(self, taus: Sequence[float] | None = None) -> DToMeEncoder:
-        return DToMeEncoder(self.tower, taus=taus, feature_layer=self.feature_layer, drop_cls=self.drop_cls)
+    def encoder(self, taus: Sequence[float] | None = None, merge_order: str = "positional") -> DToMeEncoder:
+        return DToMeEncoder(self.tower, taus=taus, feature_layer=self.feature_layer, drop_cls=self.drop_cls,
+                            merge_order=merge_order)
 
     def pixels(self, frames: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
         """(T, 3, S, S) float32 pixels of RGB images or uint8 (H, W, 3) frames of any size."""

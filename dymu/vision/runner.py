@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dymu.merge import Edges, TokenState, attention_bias, bipartite_edges, initial_state, merge_tokens
+from dymu.merge import (
+    Edges,
+    TokenState,
+    attention_bias,
+    bipartite_edges,
+    initial_state,
+    merge_tokens,
+    threshold_merges,
+)
 from dymu.tokens import MergedTokens
 
 
@@ -60,7 +68,7 @@ class ThresholdPolicy:
         return self.taus[layer] < 1.0
 
     def choose(self, layer: int, edges: Edges) -> Tensor:
-        return edges.scores > self.taus[layer]
+        return threshold_merges(edges, self.taus[layer])
 
 
 @dataclass
@@ -145,27 +153,50 @@ def _self_attention(attn: nn.Module, state: TokenState, norm: nn.Module) -> tupl
     return attn.out_proj(out.flatten(1)), keys
 
 
-def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, policy: MergePolicy) -> TokenState:
+def run_layer(layer: nn.Module, state: TokenState, index: int, policy: MergePolicy, num_protected: int = 0,
+              merge_order: str = "positional") -> TokenState:
+    """One ViT layer with DToMe: attention (log-size bias), merge, then the MLP on the merged rows.
+
+    The merge sits between the attention residual and the MLP, as in DyMU, so the MLP already runs on the
+    fewer rows; its metric is the layer's own attention keys.
+    """
+    attended, keys = _self_attention(layer.self_attn, state, layer.layer_norm1)
+    state = dataclasses.replace(state, x=state.x + attended)
+    if policy.active(index):
+        # Sum rather than mean over heads: the cosine does not care about scale.
+        metric = state.to_padded(keys.sum(dim=1))
+        edges = bipartite_edges(metric, state.to_padded(state.sizes), num_protected)
+        merge = policy.choose(index, edges)
+        if bool(merge.any()):
+            state = merge_tokens(state, edges, merge, merge_order)
+    return dataclasses.replace(state, x=state.x + layer.mlp(layer.layer_norm2(state.x)))
+
+
+def run_layers(parts: EncoderParts, pixel_values: Tensor, num_layers: int, policy: MergePolicy,
+               merge_order: str = "positional") -> TokenState:
     """Embed, then run the first ``num_layers`` layers with DToMe; returns the packed merged batch."""
     state = initial_state(parts.embed(pixel_values))
     for index, layer in enumerate(parts.layers[:num_layers]):
-        attended, keys = _self_attention(layer.self_attn, state, layer.layer_norm1)
-        state = dataclasses.replace(state, x=state.x + attended)
-        if policy.active(index):
-            # Sum rather than mean over heads: the cosine does not care about scale.
-            metric = state.to_padded(keys.sum(dim=1))
-            edges = bipartite_edges(metric, state.to_padded(state.sizes), parts.num_protected)
-            merge = policy.choose(index, edges)
-            if bool(merge.any()):
-                state = merge_tokens(state, edges, merge)
-        state = dataclasses.replace(state, x=state.x + layer.mlp(layer.layer_norm2(state.x)))
+        state = run_layer(layer, state, index, policy, parts.num_protected, merge_order)
     return state
 
 
 def split_images(state: TokenState, drop_first: bool = False) -> list[MergedImage]:
-    """Cut the packed batch into per-image results; ``drop_first`` removes a protected CLS row and position."""
+    """Cut the packed batch into per-image results, rows in the order of their first position (whatever
+    order the merges left them in); ``drop_first`` removes a protected CLS row and position."""
     start = 1 if drop_first else 0
     images = []
     for x, sizes, mapping in zip(state.x.split(state.lengths), state.sizes.split(state.lengths), state.mapping):
+        x, sizes, mapping = _rows_by_first_position(x, sizes, mapping)
         images.append(MergedImage(features=x[start:], sizes=sizes[start:].long(), mapping=mapping[start:] - start))
     return images
+
+
+def _rows_by_first_position(x: Tensor, sizes: Tensor, mapping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    positions = torch.arange(mapping.shape[0], device=mapping.device)
+    first = torch.full((x.shape[0],), mapping.shape[0], device=mapping.device, dtype=torch.long)
+    first.scatter_reduce_(0, mapping, positions, "amin")
+    order = first.argsort()
+    if bool((order == torch.arange(order.shape[0], device=order.device)).all()):
+        return x, sizes, mapping  # already in order (always so with the positional merge order)
+    return x.index_select(0, order), sizes.index_select(0, order), order.argsort().gather(0, mapping)

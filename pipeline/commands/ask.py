@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from dymu.config import DEFAULT_MODEL, PRESETS
+from dymu.config import DEFAULT_MODEL, MERGE_ORDERS, PRESETS
 from pipeline.runtime import add_runtime_options
 
 
@@ -19,6 +19,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", dest="config_file", metavar="FILE", help="a YAML file of options (see configs/)")
     g.add_argument("--thresholds", metavar="FILE", help="DToMe thresholds from `dymu-video calibrate`")
     g.add_argument("--keep", type=int, help="average visual tokens per frame DToMe keeps (overrides the preset)")
+    g.add_argument("--merge-order", choices=MERGE_ORDERS,
+                   help="DToMe's token order after each merge: positional (default, patch order) or authors "
+                        "(DyMU's own code; use it with thresholds calibrated by their code)")
     g.add_argument("--temporal-threshold", type=float,
                    help="cosine above which a token merges with the previous frame's (1.0 = off)")
     g.add_argument("--no-vtu", dest="vtu", action="store_false", default=None,
@@ -42,7 +45,7 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The CLI flags as config overrides (None = not given, so the preset or file decides)."""
-    names = ("model", "revision", "thresholds", "keep", "temporal_threshold", "vtu", "num_frames", "fps",
+    names = ("model", "revision", "thresholds", "keep", "merge_order", "temporal_threshold", "vtu", "num_frames", "fps",
              "max_frames", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "prune_enabled", None) is False:

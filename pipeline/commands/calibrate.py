@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="DyMU's presets: keep ~89/195/394 of 576 tokens (the same shares of other grids, e.g. 113/247/499 of 729)",
     )
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    p.add_argument("--merge-order", choices=["positional", "authors"], default="positional",
+                   help="DToMe's token order after each merge: positional (default) or authors (DyMU's own "
+                        "code); thresholds are calibrated for one order and recorded with it")
     p.add_argument("--batch-size", type=int, default=8, help="images per calibration batch (default 8)")
     p.add_argument("--frames-per-video", type=int, default=8, help="frames sampled from each video (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     expected = len(files) - num_videos + num_videos * args.frames_per_video
 
     vision = load_vision_model(args.model, args.device, args.dtype)
-    encoder = vision.encoder()
+    encoder = vision.encoder(merge_order=args.merge_order)
     keep = args.keep if args.keep is not None else preset_keep(args.preset, encoder.num_positions)
 
     def batches():
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     with tqdm(total=expected, unit="img", desc="calibrating") as bar:
         taus = calibrate(encoder, batches(), keep, on_batch=bar.update)
-    encoder = vision.encoder(taus)
+    encoder = vision.encoder(taus, merge_order=args.merge_order)
     with tqdm(total=expected, unit="img", desc="measuring") as bar:
         counts = token_counts(encoder, batches(), on_batch=bar.update)
 
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             "frames_per_video": args.frames_per_video,
             "samples": len(counts),
             "batch_size": args.batch_size,
+            "merge_order": args.merge_order,
         },
         achieved_mean=float(np.mean(counts)),
         achieved_std=float(np.std(counts)),

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thresholds", required=True, help="thresholds file written by `dymu-video calibrate`")
     p.add_argument("paths", nargs="+", metavar="PATH", help="images, videos or folders of them")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--merge-order", choices=["positional", "authors"],
+                   help="DToMe's token order after each merge (default: the one the thresholds were calibrated with)")
     p.add_argument("--frames-per-video", type=int, default=8, help="frames sampled from each video (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dymu.errors import DymuError
     from dymu.thresholds import EncoderFingerprint, Thresholds
+    from dymu.thresholds_store import merge_order_of
     from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
     from dymu.config import check_option
     from pipeline.validate import check_args, check_model
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     vision = load_vision_model(args.model, args.device, args.dtype)
     encoder = vision.encoder()
     thresholds = Thresholds.load(args.thresholds, EncoderFingerprint.of(encoder), args.model)
-    encoder = vision.encoder(thresholds.taus)
+    encoder = vision.encoder(thresholds.taus, merge_order=args.merge_order or merge_order_of(thresholds))
 
     rows = []
     for batch in batched(iter_samples(files, args.frames_per_video), args.batch_size):
