@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "dymu-thresholds"
 VERSION = 1
+# Taus are cosines; calibration records real edge scores, which rounding (bf16 on a GPU: ~0.004) can put a
+# hair outside [-1, 1]. Such a file is sound; a tau of 5 or NaN is not.
+TAU_SLACK = 0.01
 
 
 def _is_real(value: Any) -> bool:
@@ -131,7 +134,7 @@ class Thresholds:
             raise ThresholdsError(f"malformed thresholds file: \"achieved\" must be a mapping of mean and std, "
                                   f"got {achieved!r}")
         taus = data.get("taus")
-        if not isinstance(taus, list) or not all(_is_real(t) and -1.0 <= t <= 1.0 for t in taus):
+        if not isinstance(taus, list) or not all(_is_real(t) and abs(t) <= 1.0 + TAU_SLACK for t in taus):
             raise ThresholdsError(f"malformed thresholds file: \"taus\" must be a list of cosines in [-1, 1], "
                                   f"got {taus!r}")
         for name, value in (("target_keep", data.get("target_keep")), ("achieved.mean", achieved.get("mean")),

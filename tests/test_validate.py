@@ -112,10 +112,10 @@ def test_unsound_thresholds_files_are_refused(tmp_path, edit, message):
 
 def test_sound_thresholds_at_the_edges_load(tmp_path):
     data = _thresholds_json(FINGERPRINT)
-    data["taus"] = [-1.0, 1.0, 0, 0.5]
+    data["taus"] = [-1.0, 1.0, 0, 1.004]  # a bf16 cosine may round a hair past 1
     data["achieved"] = {"mean": None, "std": None}
     (tmp_path / "t.json").write_text(json.dumps(data))
-    assert Thresholds.load(tmp_path / "t.json").taus == [-1.0, 1.0, 0.0, 0.5]
+    assert Thresholds.load(tmp_path / "t.json").taus == [-1.0, 1.0, 0.0, 1.004]
 
 
 @pytest.mark.parametrize("family_fixture", ["tiny_ov", "tiny_llava"])
