@@ -40,6 +40,8 @@ def test_mixed_batch_equals_single_sequence_generate():
     reference = [generate(model, sequence, config) for sequence, config in requests]
     engine = Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 400, 4), block_size=4,
                                               prefill_chunk=8, max_batch=4))
+    engine.pool.keys.fill_(float("nan"))  # the pool is not zeroed: no slot may be read before it is written
+    engine.pool.values.fill_(float("nan"))
     ids = [engine.add_request(*request) for request in requests[:3]]
     for _ in range(3):  # the others join while the first ones decode
         engine.step()

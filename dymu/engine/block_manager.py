@@ -37,8 +37,9 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        self.keys = torch.zeros(slots, num_kv_heads, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros(slots, num_kv_heads, head_dim, device=device, dtype=dtype)
+        # Not zeroed: only written slots are ever read, and untouched CPU pages then cost no memory.
+        self.keys = torch.empty(slots, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.values = torch.empty(slots, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.block_bytes = block_bytes(block_size, num_kv_heads, head_dim, dtype)
         self._refs = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids go out first

@@ -68,9 +68,8 @@ def batched_decode_attention(q: torch.Tensor, pool: BlockManager, slots: list[to
     batch, num_heads, head_dim = q.shape
     lengths = torch.tensor([s.shape[0] for s in slots], device=q.device)
     longest = int(lengths.max())
-    table = torch.zeros(batch, longest, dtype=torch.long, device=q.device)
-    for b, s in enumerate(slots):
-        table[b, : s.shape[0]] = s
+    # Padding repeats a written slot: the pool is not zeroed, and a masked NaN would still poison the sum.
+    table = torch.stack([torch.cat([s, s[:1].expand(longest - s.shape[0])]) for s in slots])
     num_kv_heads = pool.keys.shape[1]
     keys = pool.keys.index_select(0, table.flatten()).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
     values = pool.values.index_select(0, table.flatten()).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
