@@ -42,6 +42,10 @@ class VideoQAConfig:
         consecutive positions.
     max_new_tokens / temperature / top_p: the answer; temperature 0 = greedy.
     prune: progressive pruning of visual KV entries while decoding.
+    max_batch: answers the LLM writes at once (continuous batching; 1 = one after another).
+    kv_cache_gb: the LLM's paged KV pool; None = 40% of the free GPU memory on CUDA, 2 GiB on CPU.
+    prefix_cache_gb: how much of that pool may keep visual prefixes (prompt up to the end of the video)
+        for later questions about the same video; 0 = off.
     """
 
     model: str = DEFAULT_MODEL
@@ -64,6 +68,9 @@ class VideoQAConfig:
     top_p: float = 1.0
     seed: int | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
+    max_batch: int = 1
+    kv_cache_gb: float | None = None
+    prefix_cache_gb: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
@@ -80,6 +87,12 @@ class VideoQAConfig:
             raise DymuError(f"keep must be >= 1, got {self.keep}")
         if self.temperature < 0:
             raise DymuError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_batch < 1:
+            raise DymuError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise DymuError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.prefix_cache_gb < 0:
+            raise DymuError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
 
     def tokens_to_keep(self, positions_per_frame: int) -> int:
         """DToMe's calibration target: average tokens kept per frame of ``positions_per_frame``."""

@@ -116,10 +116,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def prefix_hit(self, request_id: int) -> bool:
-        request = self.requests.get(request_id)
-        return bool(request and request.prefix_hit)
-
     # --- one step ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Admit, decode the running sequences by one token, prefill chunks, retire finished sequences."""
@@ -179,7 +175,7 @@ class Engine:
         result.kept_trace = list(generation.pruner.trace) if generation.pruner else []
         result.cache_entries = [request.kv.length(i) for i in range(request.kv.num_layers)]
         self.scheduler.finish(request)
-        return StepOutput(request.id, token, True, result)
+        return StepOutput(request.id, token, True, result, prefix_hit=request.prefix_hit)
 
     def _fail(self, request: Request, error: str) -> StepOutput:
         request.error = error

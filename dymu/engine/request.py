@@ -53,13 +53,14 @@ def extended(sequence: VirtualSequence, decoder: Decoder, tokens: list[int]) -> 
 @dataclass
 class StepOutput:
     """What one ``Engine.step`` produced for one request: a new token, and the result once it finished
-    (``error`` set instead when it failed)."""
+    (``error`` set instead when it failed); ``prefix_hit``: its visual prefix came from the prefix cache."""
 
     request_id: int
     token: int | None
     finished: bool
     result: GenerationResult | None = None
     error: str | None = None
+    prefix_hit: bool = False
 
 
 class Request:
