@@ -78,6 +78,7 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.blocks_freed_by_pruning = 0
         self.steps = 0
+        self.aborted = 0
 
     # --- requests ------------------------------------------------------------------------------------
     def add_request(self, sequence: VirtualSequence, config: GenerateConfig | None = None, prefix_key: str | None = None,
@@ -111,6 +112,7 @@ class Engine:
         if request is None:
             return False
         self.scheduler.finish(request)
+        self.aborted += 1
         return True
 
     def has_unfinished(self) -> bool:
@@ -202,6 +204,7 @@ class Engine:
             "prefilling": sum(r.status == PREFILLING for r in self.scheduler.running),
             "most_running": self.scheduler.most_running,
             "preemptions": self.scheduler.preemptions,
+            "aborted": self.aborted,
             "kv_blocks": pool.num_blocks,
             "kv_blocks_free": pool.num_free,
             "kv_bytes_in_use": (pool.num_blocks - pool.num_free) * pool.block_bytes,
