@@ -203,3 +203,22 @@ def test_block_manager_reference_counts():
         pool.allocate(5)
     with pytest.raises(DymuError, match="released more often"):
         pool.release(first[:1])
+
+
+def test_engine_options_in_config_yaml_and_cli(tmp_path, capsys):
+    from dymu.config import make_config
+    from pipeline.cli import main
+
+    assert make_config("mid").max_batch == 1  # one answer at a time unless asked
+    options = tmp_path / "serve.yaml"
+    options.write_text("max_batch: 8\nkv_cache_gb: 3.5\nprefix_cache_gb: 0\n")
+    config = make_config(None, options, max_batch=16)
+    assert (config.max_batch, config.kv_cache_gb, config.prefix_cache_gb) == (16, 3.5, 0)
+    with pytest.raises(DymuError, match="kv_cache_gb must be > 0"):
+        make_config("mid", kv_cache_gb=0)
+    from media import static_video
+
+    static_video(tmp_path / "clip.mp4", num_frames=2, size=32)
+    for flag, value in (("--max-batch", "0"), ("--kv-cache-gb", "-1"), ("--prefix-cache-gb", "-2")):
+        assert main(["ask", str(tmp_path / "clip.mp4"), "Why?", flag, value]) == 2
+        assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
