@@ -31,6 +31,10 @@ def mixed_requests(model):
         config = GenerateConfig(max_new_tokens=6 + 4 * s, keep_logits=True,
                                 prune=PRUNE if s % 2 else PruneConfig())
         requests.append((sequence, config))
+    sampled = GenerateConfig(max_new_tokens=9, do_sample=True, temperature=1.3, top_p=0.9, seed=4, keep_logits=True)
+    requests.append((merged_prompt(model, seed=7, groups=5, group_size=2), sampled))
+    baseline = GenerateConfig(max_new_tokens=7, prefill="no_vtu", keep_logits=True)  # merged rows, consecutive
+    requests.append((merged_prompt(model, seed=8, groups=6, group_size=3), baseline))
     return requests
 
 
