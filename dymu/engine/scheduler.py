@@ -102,7 +102,8 @@ class Scheduler:
 
     def decoding(self) -> list[Request]:
         """The sequences that decode this step, once each has room for its new entry (preempting the latest
-        admitted ones if the pool is dry). A lone sequence with no room is returned in ``stranded``."""
+        admitted ones if the pool is dry). A lone sequence that still has no room is returned as it is: the
+        caller fails it."""
         while True:
             batch = [r for r in self.running if r.status == DECODING]
             need = sum(r.kv.blocks_to_append(1) for r in batch)
