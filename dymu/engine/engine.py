@@ -23,7 +23,7 @@ from torch import nn
 from dymu.engine.block_manager import BlockManager, blocks_for_budget
 from dymu.engine.prefix_cache import PrefixCache
 from dymu.engine.request import DECODING, PREFILLING, Request, StepOutput
-from dymu.engine.runner import decode, prefill_chunk
+from dymu.engine.runner import decode, prefill_chunks
 from dymu.engine.scheduler import Scheduler
 from dymu.errors import DymuError
 from dymu.llm.config import GenerateConfig
@@ -138,11 +138,13 @@ class Engine:
             for b, request in enumerate(batch):
                 request.result.decode_seconds.append(seconds)
                 picked.append((request, logits[b]))
-        for request, start, end in self.scheduler.prefill_chunks(self.config.prefill_chunk):
-            started = time.perf_counter()
-            logits = prefill_chunk(self.decoder, self.pool, request, start, end)
-            _synchronize(self.decoder.device)
-            request.result.prefill_seconds += time.perf_counter() - started
+        spans = self.scheduler.prefill_chunks(self.config.prefill_chunk)
+        started = time.perf_counter()
+        chunk_logits = prefill_chunks(self.decoder, self.pool, spans) if spans else []
+        _synchronize(self.decoder.device)
+        seconds = time.perf_counter() - started
+        for (request, start, end), logits in zip(spans, chunk_logits):
+            request.result.prefill_seconds += seconds * (end - start) / sum(e - s for _, s, e in spans)
             request.prefilled = end
             if request.prefix_key is not None and not request.prefix_hit and end == request.prefix_positions \
                     and not request.preemptions:

@@ -3,11 +3,14 @@ both reading and writing the block pool.
 
 Prefill is VTU as in ``dymu.llm.vtu``: row-wise work on the chunk's unique rows, attention at full length
 with every position at its own RoPE position, one cache entry per virtual position. A chunk never splits a
-merged row (see ``request.cut_points``), so chunking changes nothing but the order of work. Decode runs
+merged row (see ``request.cut_points``), so chunking changes nothing but the order of work; the chunks of
+several requests in one step share one batch for their row-wise work. Decode runs
 the projections and MLP of every running sequence as one batch; attention gathers each sequence's entries
 from its own slots (padded to the longest, masked) and runs one SDPA call per layer.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,37 +33,67 @@ def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     return out[0].transpose(0, 1).reshape(n, -1)
 
 
-@torch.no_grad()
-def prefill_chunk(decoder: Decoder, pool: BlockManager, request: Request, start: int, end: int) -> torch.Tensor | None:
-    """Run prompt positions [start, end) through the decoder into ``request``'s reserved slots; return the
-    next-token logits (V,) when ``end`` is the end of the prompt, else None."""
-    prompt, kv = request.prompt, request.kv
+@dataclass
+class Chunk:
+    """Prompt positions [start, end) of one request, and what VTU needs to run them: the chunk's unique rows,
+    each position's row among them (``local``), positions per row (None when nothing is merged), rotations."""
+
+    request: Request
+    start: int
+    end: int
+    rows: torch.Tensor
+    local: torch.Tensor
+    counts: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def make_chunk(decoder: Decoder, request: Request, start: int, end: int) -> Chunk:
+    prompt = request.prompt
     mapping = prompt.mapping[start:end]
     rows, local = torch.unique(mapping, sorted=True, return_inverse=True)
-    merged = rows.shape[0] != mapping.shape[0]
-    counts = torch.bincount(local, minlength=rows.shape[0]) if merged else None
+    counts = torch.bincount(local, minlength=rows.shape[0]) if rows.shape[0] != mapping.shape[0] else None
     cos, sin = rope_tables(decoder, prompt.position_ids()[..., start:end])
+    return Chunk(request, start, end, rows, local, counts, cos, sin)
 
-    h = prompt.rows.index_select(0, rows)
+
+def chunk_layer_attention(pool: BlockManager, layer_index: int, chunk: Chunk, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One layer's VTU attention for one chunk from its rows' q, k, v: store the chunk's entries, attend over
+    the request's entries so far, average each row's positions back to one row."""
+    if chunk.counts is not None:
+        q, k, v = (t.index_select(0, chunk.local) for t in (q, k, v))
+    q, k = apply_rope(q, chunk.cos, chunk.sin), apply_rope(k, chunk.cos, chunk.sin)
+    slots = chunk.request.kv.layers[layer_index].slots
+    pool.write(slots[chunk.start: chunk.end], k, v)
+    if chunk.start == 0:
+        out = causal_attention(q, k, v, scale)
+    else:
+        seen = slots[: chunk.end]
+        out = chunk_attention(q, pool.keys.index_select(0, seen), pool.values.index_select(0, seen), chunk.start, scale)
+    return out if chunk.counts is None else scatter_mean(out, chunk.local, chunk.counts)
+
+
+@torch.no_grad()
+def prefill_chunks(decoder: Decoder, pool: BlockManager,
+                   spans: list[tuple[Request, int, int]]) -> list[torch.Tensor | None]:
+    """Run prompt chunks (request, start, end) of several requests through the decoder together (the
+    row-wise work as one batch of all their rows, attention per chunk) into their reserved slots. Returns,
+    per chunk, the next-token logits (V,) when it ends its prompt, else None."""
+    chunks = [make_chunk(decoder, *span) for span in spans]
+    sizes = [chunk.rows.shape[0] for chunk in chunks]
+    h = torch.cat([chunk.request.prompt.rows.index_select(0, chunk.rows) for chunk in chunks])
     for i, layer in enumerate(decoder.layers):
         q, k, v = project_qkv(decoder, layer, h)
-        if merged:
-            q, k, v = (t.index_select(0, local) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        slots = kv.layers[i].slots
-        pool.write(slots[start:end], k, v)
-        scale = layer.self_attn.scaling
-        if start == 0:
-            out = causal_attention(q, k, v, scale)
-        else:
-            seen = slots[:end]
-            out = chunk_attention(q, pool.keys.index_select(0, seen), pool.values.index_select(0, seen), start, scale)
-        if merged:
-            out = scatter_mean(out, local, counts)
+        parts = zip(chunks, q.split(sizes), k.split(sizes), v.split(sizes))
+        out = torch.cat([chunk_layer_attention(pool, i, c, cq, ck, cv, layer.self_attn.scaling)
+                         for c, cq, ck, cv in parts])
         h = finish_layer(layer, h, out)
-    if end < prompt.num_positions:
-        return None
-    return next_token_logits(decoder, h.index_select(0, local[-1:]))[0]
+    logits = []
+    for chunk, rows in zip(chunks, h.split(sizes)):
+        done = chunk.end == chunk.request.prompt.num_positions
+        logits.append(next_token_logits(decoder, rows.index_select(0, chunk.local[-1:]))[0] if done else None)
+    return logits
 
 
 def batched_decode_attention(q: torch.Tensor, pool: BlockManager, slots: list[torch.Tensor], scale: float) -> torch.Tensor:
