@@ -46,7 +46,7 @@ class EngineConfig:
     prefix_cache_gb: float = 0.0
     max_batch: int = 16
     block_size: int = 16
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb <= 0:
