@@ -4,7 +4,7 @@ An async actor around one batched engine (``dymu.engine``) running on a thread o
 request to that engine, so concurrent calls are answered together, up to the config's ``max_batch`` at a
 time (continuous batching), and a second question about a video reuses its visual prefix. ``stream`` is a
 Ray streaming generator: the answer's text piece by piece as it is written, then the finished ``Answer``.
-Cancelling it (``ray.cancel``, or the caller going away) aborts the request and frees its memory.
+Cancelling it (``ray.cancel`` on the generator) aborts the request and frees its memory at once.
 """
 from __future__ import annotations
 
