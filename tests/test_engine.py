@@ -226,3 +226,34 @@ def test_engine_options_in_config_yaml_and_cli(tmp_path, capsys):
     for flag, value in (("--max-batch", "0"), ("--kv-cache-gb", "-1"), ("--prefix-cache-gb", "-2")):
         assert main(["ask", str(tmp_path / "clip.mp4"), "Why?", flag, value]) == 2
         assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_engine_thread_serves_requests_from_other_threads_and_fails_bad_ones_alone():
+    import threading
+
+    from dymu.engine.service import EngineThread
+
+    model = tiny_decoder("qwen2", max_position_embeddings=64)
+    service = EngineThread(Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 100, 4), block_size=4)))
+    finished: dict[str, object] = {}
+    done = threading.Event()
+
+    def collect(name):
+        def on_output(out):
+            if out.finished:
+                finished[name] = out.error or out.result.tokens
+                if len(finished) == 3:
+                    done.set()
+        return on_output
+
+    config = GenerateConfig(max_new_tokens=8)
+    good = [merged_prompt(model, seed=s) for s in range(2)]
+    service.submit(good[0], config, collect("a"))
+    service.submit(merged_prompt(model, groups=30, group_size=3), config, collect("too long"))
+    service.submit(good[1], config, collect("b"))
+    assert done.wait(timeout=120)
+    service.close()
+    assert "context" in finished["too long"]
+    assert finished["a"] == generate(model, good[0], config).tokens
+    assert finished["b"] == generate(model, good[1], config).tokens
+    assert service.stats()["running"] == 0 and service.stats()["waiting"] == 0
