@@ -2,7 +2,10 @@
 VTU prefill and (optionally pruned) decoding, with the text streamed as it is written."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
+
+import torch
 
 from dymu.families.base import VLMFamily
 from dymu.llm.config import GenerateConfig
@@ -38,6 +41,26 @@ def question_sequence(family: VLMFamily, tokens: MergedTokens, question: str, ki
     """The LLM input: the prompt's text, with the merged visual block where the placeholder was."""
     prompt = family.prompt(question, kind)
     return build_sequence(family.model, [prompt.before, tokens, prompt.after])
+
+
+def visual_prefix_key(tokens: MergedTokens, before: list[int]) -> str:
+    """Names the KV of a prompt up to the end of its visual block: a digest of the merged tokens themselves
+    (rows, mapping and the settings hash that made them) and of the prompt's ids before the block."""
+    digest = hashlib.sha256(tokens.config_hash.encode())
+    for tensor in (tokens.embeds, tokens.mapping):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    digest.update(torch.tensor(before, dtype=torch.long).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def answer_request(family: VLMFamily, tokens: MergedTokens, question: str,
+                   kind: str) -> tuple[VirtualSequence, str, int]:
+    """What the engine needs for one question: the sequence, its visual prefix's key and length."""
+    prompt = family.prompt(question, kind)
+    sequence = build_sequence(family.model, [prompt.before, tokens, prompt.after])
+    return sequence, visual_prefix_key(tokens, prompt.before), len(prompt.before) + tokens.num_positions
 
 
 def write_answer(

@@ -91,6 +91,9 @@ OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (_number_in(0, 1, low_open=True), "a number in (0, 1]"),
     "seed": (_or_none(_is_int), "an integer"),
     "merge_order": (lambda v: v in MERGE_ORDERS, "one of " + ", ".join(MERGE_ORDERS)),
+    "max_batch": (_int_at_least(1), "an integer >= 1 (1 = one answer at a time)"),
+    "kv_cache_gb": (_or_none(_number_in(0, math.inf, low_open=True)), "a number of GiB > 0"),
+    "prefix_cache_gb": (_number_in(0, math.inf), "a number of GiB >= 0 (0 = off)"),
 }
 
 
@@ -115,6 +118,10 @@ class VideoQAConfig:
         consecutive positions.
     max_new_tokens / temperature / top_p: the answer; temperature 0 = greedy.
     prune: progressive pruning of visual KV entries while decoding.
+    max_batch: answers the LLM writes at once (continuous batching; 1 = one after another).
+    kv_cache_gb: the LLM's paged KV pool; None = 40% of the free GPU memory on CUDA, 2 GiB on CPU.
+    prefix_cache_gb: how much of that pool may keep visual prefixes (prompt up to the end of the video)
+        for later questions about the same video; 0 = off.
     """
 
     model: str = DEFAULT_MODEL
@@ -138,6 +145,9 @@ class VideoQAConfig:
     top_p: float = 1.0
     seed: int | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
+    max_batch: int = 1
+    kv_cache_gb: float | None = None
+    prefix_cache_gb: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.thresholds, Path):

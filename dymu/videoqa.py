@@ -9,6 +9,7 @@ the distributed pipeline can run each one in its own worker and cache what ``enc
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from dymu.answer import write_answer
+from dymu.answer import answer_request, write_answer
 from dymu.errors import DymuError
 from dymu.families import VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
 from dymu.visual import VisualTokenizer
 from dymu.config import VideoQAConfig, make_config
+from dymu.llm.config import GenerateConfig
+from dymu.llm.generate import GenerationResult
+from dymu.llm.sequence import VirtualSequence
 from dymu.thresholds_store import calibrate_and_cache, find_thresholds
 
 log = logging.getLogger(__name__)
@@ -133,13 +137,67 @@ class VideoQA:
         return Answer(question=question, text=generation.text or "", source=source,
                       report=build_report(self.config, tokens, generation), tokens=list(generation.tokens))
 
+    # --- the engine: many answers at once ----------------------------------------------------------------
+    def make_engine(self):
+        """A batched engine (``dymu.engine.Engine``) on this model, sized by the config's max_batch,
+        kv_cache_gb and prefix_cache_gb."""
+        from dymu.engine import Engine, EngineConfig
+        from dymu.llm.decoder import load_decoder
+
+        decoder = load_decoder(self.family.model)
+        kv_gb = self.config.kv_cache_gb or default_kv_cache_gb(decoder.device)
+        sizes = EngineConfig(kv_cache_gb=kv_gb, prefix_cache_gb=min(self.config.prefix_cache_gb, kv_gb),
+                             max_batch=self.config.max_batch)
+        return Engine(decoder, self.family.tokenizer, sizes)
+
+    def generate_config(self, options: dict[str, Any] | None = None) -> GenerateConfig:
+        """The LLM options of this config, with per-request ``options`` (max_new_tokens, temperature, top_p,
+        seed, stop) over them."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(REQUEST_OPTIONS))
+        if unknown:
+            raise DymuError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(REQUEST_OPTIONS)})")
+        stop = options.pop("stop", None)
+        config = dataclasses.replace(self.config, **{k: v for k, v in options.items() if v is not None})
+        generate = config.generate_config(self.family.config.text_config.num_hidden_layers)
+        if stop:
+            generate = dataclasses.replace(generate, stop_strings=(stop,) if isinstance(stop, str) else tuple(stop))
+        return generate
+
+    def answer_request(self, tokens: MergedTokens, question: str,
+                       options: dict[str, Any] | None = None) -> tuple[VirtualSequence, GenerateConfig, str, int]:
+        """(sequence, generation options, visual prefix key, visual prefix length) for the engine."""
+        sequence, key, prefix = answer_request(self.family, tokens, question, tokens.meta.get("kind", "video"))
+        return sequence, self.generate_config(options), key, prefix
+
+    def finish_answer(self, tokens: MergedTokens, question: str, result: GenerationResult, source: str = "",
+                      prefix_cache: str = "off") -> Answer:
+        """The ``Answer`` (text and report) of an engine's result."""
+        text = (result.text or "").strip()
+        report = build_report(self.config, tokens, result, prefix_cache)
+        return Answer(question=question, text=text, source=source, report=report, tokens=list(result.tokens))
+
     def ask(self, path: str | Path, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         """Read, encode and answer in one call."""
         media = self.read(path)
         return self.answer(self.encode(media), question, on_text, source=media.source)
 
 
-def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dict[str, Any]:
+REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def default_kv_cache_gb(device: Any) -> float:
+    """40% of the GPU memory still free once the model is loaded, or 2 GiB on CPU (touched lazily)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.4 * free / 2**30
+    return 2.0
+
+
+def build_report(config: VideoQAConfig, tokens: MergedTokens, generation, prefix_cache: str = "off") -> dict[str, Any]:
     stages = tokens.meta["stages"]
     dtome = stages["dtome_tokens_per_frame"]
     temporal = stages["temporal_rows_per_frame"]
@@ -170,6 +228,7 @@ def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dic
             "answer_tokens": len(generation.tokens),
             "stop_reason": generation.stop_reason,
             "decode_ms_per_token": generation.decode_ms_per_token,
+            "prefix_cache": prefix_cache,
         },
         "seconds": seconds,
     }

@@ -91,13 +91,15 @@ def plan_resources(
 
 
 class _Stage:
-    """The actors of one stage. A job borrows a free one for a call, so no job queues behind a slow one."""
+    """The actors of one stage. A job borrows a free one for a call, so no job queues behind a slow one.
+    An actor that serves ``capacity`` calls at once (the LLM worker's batch) is lent that many times."""
 
-    def __init__(self, actors: list[Any]):
+    def __init__(self, actors: list[Any], capacity: int = 1):
         self.actors = actors
         self._free: queue.Queue = queue.Queue()
-        for actor in actors:
-            self._free.put(actor)
+        for _ in range(capacity):
+            for actor in actors:
+                self._free.put(actor)
 
     @contextmanager
     def borrow(self) -> Iterator[Any]:
@@ -142,7 +144,8 @@ class Pipeline:
     """Decoder, encoder, LLM and token-cache actors for one config, and the runner that feeds them.
 
     redis_url: the token cache (None: no cache). decoders / encoders / llms: actors per stage.
-    max_in_flight: jobs in the pipeline at once (default: one per actor, plus two waiting their turn).
+    max_in_flight: jobs in the pipeline at once (default: one per decoder and encoder, ``max_batch`` per LLM
+        worker so that its batch stays full, plus two waiting their turn).
     model_worker_cpus: CPUs (and torch threads) per model worker; default a share of the free CPUs.
     Both model workers load the checkpoint, each in its own process. Call ``close()`` (or use ``with``).
     """
@@ -161,7 +164,7 @@ class Pipeline:
         if min(decoders, encoders, llms) < 1:
             raise DymuError("the pipeline needs at least one decoder, one encoder and one LLM worker")
         self.config = config
-        self.max_in_flight = max_in_flight or decoders + encoders + llms + 2
+        self.max_in_flight = max_in_flight or decoders + encoders + llms * config.max_batch + 2
         decoder_res, model_res = plan_resources(
             ray.cluster_resources(), ray.available_resources(), decoders, encoders + llms, model_worker_cpus)
         threads = max(1, int(model_res["num_cpus"]))
@@ -169,7 +172,8 @@ class Pipeline:
                  decoders, decoder_res, encoders, llms, model_res)
         self.decoders = _Stage([self._actor(FrameDecoder, decoder_res, config) for _ in range(decoders)])
         self.encoders = _Stage([self._actor(VisionEncoder, model_res, config, threads) for _ in range(encoders)])
-        self.llms = _Stage([self._actor(LLMWorker, model_res, config, threads) for _ in range(llms)])
+        self.llms = _Stage([self._actor(LLMWorker, model_res, config, threads) for _ in range(llms)],
+                           capacity=config.max_batch)
         self.cache = None
         self.cache_state = "off"
         self.cache_problem = ""

@@ -102,6 +102,7 @@ def test_ask_cli_json(tiny_ov, videos, capsys):
     # Temporal merging off: every frame's LLM rows stay rows of their own.
     assert report["tokens"]["temporal_new_per_frame"] == report["tokens"]["llm_rows_per_frame"]
     assert report["llm"]["visual_kv_trace"] == []  # pruning off
+    assert report["llm"]["prefix_cache"] == "miss" and report["seconds"]["prefill"] > 0
     assert report["llm"]["answer_tokens"] == 6 or report["llm"]["stop_reason"] == "eos"
 
 

@@ -9,7 +9,7 @@ import torch
 
 from media import changing_video, static_video, truncated_copy
 from dymu.config import make_config
-from pipeline.jobs import Job, Pipeline, plan_resources
+from pipeline.jobs import Job, Pipeline, _Stage, plan_resources
 from dymu.videoqa import VideoQA
 from workers.redis_server import EmbeddedRedis
 from workers.token_cache import TokenCache, content_hash, token_cache_key
@@ -50,6 +50,21 @@ def test_resource_plan_fits_the_cluster():
     assert decoder == {"num_cpus": 1.0} and model == {"num_cpus": 1.0, "num_gpus": 0.5}  # one GPU, shared
     _, model = plan_resources({"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}, 2, 2, model_worker_cpus=3)
     assert model == {"num_cpus": 3, "num_gpus": 1.0}
+
+
+def test_an_llm_worker_is_lent_to_max_batch_jobs_at_once():
+    import queue
+
+    stage = _Stage(["llm-a", "llm-b"], capacity=3)
+    assert stage._free.qsize() == 6
+    held = [stage.borrow() for _ in range(6)]
+    lent = sorted(h.__enter__() for h in held)
+    assert lent == ["llm-a"] * 3 + ["llm-b"] * 3
+    assert stage._free.empty()  # a seventh job waits for one of them
+    held[0].__exit__(None, None, None)
+    assert stage._free.get_nowait() in ("llm-a", "llm-b")
+    with pytest.raises(queue.Empty):
+        stage._free.get_nowait()
 
 
 def test_answer_is_the_in_process_answer_and_streams(pipeline, config, videos):

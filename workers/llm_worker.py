@@ -1,19 +1,24 @@
 """``LLMWorker``: a Ray actor (on a GPU when the cluster has one) that answers questions about merged tokens.
 
-It wraps ``VideoQA.answer`` (VTU prefill and DyRate-pruned decoding). ``stream`` is a Ray streaming
-generator: the caller iterates over it and gets the answer's text piece by piece as it is written, then
-the finished ``Answer``.
+An async actor around one batched engine (``dymu.engine``) running on a thread of its own: every call is a
+request to that engine, so concurrent calls are answered together, up to the config's ``max_batch`` at a
+time (continuous batching), and a second question about a video reuses its visual prefix. ``stream`` is a
+Ray streaming generator: the answer's text piece by piece as it is written, then the finished ``Answer``.
+Cancelling it (``ray.cancel`` on the generator) aborts the request and frees its memory at once.
 """
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Iterator
+import asyncio
+from typing import Any, AsyncIterator
 
 import ray
 
-from dymu.tokens import MergedTokens
+from dymu.answer import TextStream
 from dymu.config import VideoQAConfig
+from dymu.engine.request import StepOutput
+from dymu.engine.service import EngineThread
+from dymu.errors import DymuError
+from dymu.tokens import MergedTokens
 from dymu.videoqa import Answer
 from workers.metrics import pipeline_metrics
 from workers.vision_encoder import load_videoqa
@@ -24,37 +29,57 @@ class LLMWorker:
 
     def __init__(self, config: VideoQAConfig, threads: int | None = None):
         self.qa = load_videoqa(config, threads)
+        self.engine = EngineThread(self.qa.make_engine())
 
-    def answer(self, tokens: MergedTokens, question: str, source: str = "") -> Answer:
-        answer = self.qa.answer(tokens, question, source=source)
-        self._record(answer)
-        return answer
+    async def answer(self, tokens: MergedTokens, question: str, source: str = "",
+                     options: dict[str, Any] | None = None) -> Answer:
+        async for item in self._write(tokens, question, source, options, with_text=False):
+            if isinstance(item, Answer):
+                return item
+        raise RuntimeError("the engine ended the request without an answer")
 
     @ray.method(num_returns="streaming")
-    def stream(self, tokens: MergedTokens, question: str, source: str = "") -> Iterator[str | Answer]:
+    async def stream(self, tokens: MergedTokens, question: str, source: str = "",
+                     options: dict[str, Any] | None = None) -> AsyncIterator[str | Answer]:
         """Yield the answer's text pieces as they are written, then the ``Answer`` itself."""
-        pieces: queue.Queue = queue.Queue()
-        finished = object()
-        outcome: dict[str, object] = {}
+        async for item in self._write(tokens, question, source, options, with_text=True):
+            yield item
 
-        # The model calls back with each piece from inside its decode loop; a thread lets this generator
-        # hand every piece to Ray as soon as it exists instead of after the whole answer.
-        def write() -> None:
-            try:
-                outcome["answer"] = self.qa.answer(tokens, question, on_text=pieces.put, source=source)
-            except BaseException as exc:  # re-raised below, in the actor's own thread
-                outcome["error"] = exc
-            finally:
-                pieces.put(finished)
+    async def stats(self) -> dict[str, Any]:
+        """The engine's figures: running and waiting requests, KV blocks, prefix-cache hits..."""
+        return self.engine.stats()
 
-        threading.Thread(target=write, name="llm-answer", daemon=True).start()
-        while (piece := pieces.get()) is not finished:
-            yield piece
-        if "error" in outcome:
-            raise outcome["error"]
-        answer = outcome["answer"]
-        self._record(answer)
-        yield answer
+    async def _write(self, tokens: MergedTokens, question: str, source: str, options: dict[str, Any] | None,
+                     with_text: bool) -> AsyncIterator[str | Answer]:
+        sequence, config, prefix_key, prefix_positions = self.qa.answer_request(tokens, question, options)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        text = TextStream(self.qa.family.tokenizer, inbox.put_nowait) if with_text else None
+
+        def on_output(out: StepOutput) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(deliver, out)
+
+        def deliver(out: StepOutput) -> None:
+            if text is not None and out.token is not None:
+                text(out.token)
+            if out.finished:
+                inbox.put_nowait(out)
+
+        ticket = self.engine.submit(sequence, config, on_output, prefix_key, prefix_positions)
+        finished = False
+        try:
+            while not isinstance(item := await inbox.get(), StepOutput):
+                yield item
+            finished = True
+            if item.error is not None:
+                raise DymuError(item.error)
+            answer = self.qa.finish_answer(tokens, question, item.result, source,
+                                           "hit" if item.prefix_hit else "miss")
+            self._record(answer)
+            yield answer
+        finally:
+            if not finished:  # cancelled or dropped: free its memory now
+                self.engine.abort(ticket)
 
     def _record(self, answer: Answer) -> None:
         seconds = answer.report["seconds"]

@@ -27,6 +27,20 @@ class VirtualSequence:
     rows: torch.Tensor
     mapping: torch.Tensor
     visual: torch.Tensor
+    positions: torch.Tensor | None = None  # None: position n is n (1-D RoPE); else (3, N) int64 M-RoPE (t, h, w) indices
+
+    def position_ids(self) -> torch.Tensor:
+        """(N,) arange when ``positions`` is None, else the (3, N) M-RoPE indices."""
+        if self.positions is None:
+            return torch.arange(self.num_positions, device=self.mapping.device)
+        return self.positions
+
+    @property
+    def next_position(self) -> int:
+        """The first decode position: N for 1-D RoPE; positions.max() + 1 for M-RoPE."""
+        if self.positions is None:
+            return self.num_positions
+        return int(self.positions.max()) + 1
 
     @property
     def num_positions(self) -> int:
@@ -75,7 +89,8 @@ class VirtualSequence:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "VirtualSequence":
         """Rows in ``dtype`` on ``device``, mapping and flags on ``device``."""
-        return VirtualSequence(self.rows.to(device, dtype), self.mapping.to(device), self.visual.to(device))
+        positions = None if self.positions is None else self.positions.to(device)
+        return VirtualSequence(self.rows.to(device, dtype), self.mapping.to(device), self.visual.to(device), positions)
 
     def unmerged(self) -> "VirtualSequence":
         """Every position with its own copy of its row: what the stock model would be given."""

@@ -41,12 +41,20 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, help="seed for sampling")
+    g.add_argument("--max-batch", type=int,
+                   help="answers the LLM worker writes at once, continuously batched (default 1: one at a time)")
+    g.add_argument("--kv-cache-gb", type=float,
+                   help="the LLM's KV pool in GiB (default 40%% of free GPU memory on CUDA, 2 on CPU)")
+    g.add_argument("--prefix-cache-gb", type=float,
+                   help="part of the KV pool kept for videos' visual prefixes, so a second question about a "
+                        "video prefills only its own words (default 0.5; 0 = off)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The CLI flags as config overrides (None = not given, so the preset or file decides)."""
     names = ("model", "revision", "thresholds", "keep", "merge_order", "temporal_threshold", "vtu", "num_frames", "fps",
-             "max_frames", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed")
+             "max_frames", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "max_batch",
+             "kv_cache_gb", "prefix_cache_gb")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "prune_enabled", None) is False:
         overrides["prune"] = {"enabled": False}
