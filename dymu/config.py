@@ -92,8 +92,8 @@ OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_or_none(_is_int), "an integer"),
     "merge_order": (lambda v: v in MERGE_ORDERS, "one of " + ", ".join(MERGE_ORDERS)),
     "max_batch": (_int_at_least(1), "an integer >= 1 (1 = one answer at a time)"),
-    "kv_cache_gb": (_or_none(_number_in(0, math.inf, low_open=True)), "a number of GiB > 0"),
-    "prefix_cache_gb": (_number_in(0, math.inf), "a number of GiB >= 0 (0 = off)"),
+    "kv_cache_gb": (_or_none(_number_in(0, math.inf, low_open=True)), "> 0 (GiB)"),
+    "prefix_cache_gb": (_number_in(0, math.inf), ">= 0 (GiB; 0 = off)"),
 }
 
 
