@@ -380,9 +380,16 @@ def take_waiting(frames: Any, limit: int, timeout: float = 0.0) -> list[Any]:
         found.append(frames.get(timeout=timeout if timeout > 0 else _LOCK_WAIT_S))
         while len(found) < limit:
             found.append(frames.get_nowait())
-    except queue.Empty:
+    except (queue.Empty, EOFError, OSError):  # EOF: the reader died (perhaps in the middle of a put)
         pass
     return found
+
+
+def drop_write_end(channel: Any) -> None:
+    """Close this process's copy of a queue's write end, once the process that writes it has started (it has
+    its own copy). A writer killed in the middle of a put then leaves EOF to read (``EOFError``) rather than
+    a read that waits forever for the rest of the message."""
+    channel._writer.close()
 
 
 class FeedReader:
@@ -438,6 +445,8 @@ class FeedReader:
                   self._heartbeat, lost_at),
         )
         self._process.start()
+        for channel in (self._frames, self._events):
+            drop_write_end(channel)
         log.info("reader for %s started (pid %d)", self.name, self._process.pid)
         return self
 
@@ -449,7 +458,7 @@ class FeedReader:
             try:
                 self._handle(*self._events.get(timeout=0.25))
                 continue
-            except queue.Empty:
+            except (queue.Empty, EOFError, OSError):
                 pass
             if not self._process.is_alive():
                 raise FeedUnavailable(f"{self.name}: the reader exited (code {self._process.exitcode})")
@@ -508,7 +517,7 @@ class FeedReader:
         while True:
             try:
                 self._handle(*self._events.get_nowait())
-            except queue.Empty:
+            except (queue.Empty, EOFError, OSError):
                 break
         if self._process is None or self.ended:
             return

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from pipeline.commands.stream import parse_duration
-from pipeline.ingest import (ArrivalClock, FeedOptions, FeedReader, FeedUnavailable, Sampler, offer_dropping_oldest,
-                             open_options, source_kind, take_waiting)
+from pipeline.ingest import (ArrivalClock, FeedOptions, FeedReader, FeedUnavailable, Sampler, drop_write_end,
+                             offer_dropping_oldest, open_options, source_kind, take_waiting)
 from pipeline.sample_media import scene_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,6 +324,26 @@ def test_frames_waiting_behind_a_reader_that_is_dropping_are_still_taken():
     finally:
         stop.value = 1
         reader.join(timeout=10)
+
+
+def put_half_a_frame(frames) -> None:
+    """A reader killed in the middle of a put: the message's length, then only part of the message."""
+    os.write(frames._writer.fileno(), (1000).to_bytes(4, "big", signed=True) + b"x" * 10)
+    os._exit(1)
+
+
+def test_a_reader_killed_in_the_middle_of_a_put_never_blocks_the_pipeline():
+    context = multiprocessing.get_context("spawn")
+    frames = context.Queue(maxsize=3)
+    writer = context.Process(target=put_half_a_frame, args=(frames,), daemon=True)
+    writer.start()
+    drop_write_end(frames)
+    writer.join(timeout=60)
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.append(take_waiting(frames, limit=3, timeout=1.0)), daemon=True)
+    taker.start()
+    taker.join(timeout=60)  # a read waiting for the other 990 bytes would never end
+    assert not taker.is_alive() and taken == [[]]
 
 
 def test_a_hung_reader_process_is_replaced_and_the_gap_reported(feed_port, monkeypatch):

@@ -393,6 +393,14 @@ def test_embedded_redis_dies_with_a_killed_starter():
     assert not workdir.exists()
 
 
+def _answers(port: int) -> bool:
+    try:
+        connect_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.5).close()
+        return True
+    except CacheUnavailable:
+        return False
+
+
 def test_next_start_cleans_what_a_dead_program_left(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs
@@ -400,12 +408,14 @@ def test_next_start_cleans_what_a_dead_program_left(tmp_path):
     stale.mkdir()
     live.mkdir()
     # A server leaked by a starter that could not take it along (no PR_SET_PDEATHSIG, as an older version).
-    leaked = subprocess.Popen([str(find_redis_server()), "--port", str(_unused_port()), "--bind", "127.0.0.1",
+    port = _unused_port()
+    leaked = subprocess.Popen([str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1",
                                "--save", "", "--dir", str(stale)], stdout=subprocess.DEVNULL)
     try:
         (stale / "owner.json").write_text(json.dumps({"owner": dead.pid, "server": leaked.pid}))
         (live / "owner.json").write_text(json.dumps({"owner": os.getpid(), "server": leaked.pid}))
-        assert _wait_until(lambda: _serves_from(leaked.pid, stale))
+        assert _wait_until(lambda: _answers(port))  # up, its command line rewritten to its own title
+        assert _serves_from(leaked.pid, stale)
         assert clean_stale_workdirs(tmp_path) == 1
         assert leaked.wait(timeout=30) == -signal.SIGKILL
         assert not stale.exists() and live.is_dir()  # a live program's folder is left alone

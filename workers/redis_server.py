@@ -148,12 +148,14 @@ def _running(pid: int) -> bool:
 
 
 def _serves_from(pid: int, workdir: Path) -> bool:
-    """Whether ``pid`` is a redis-server working in ``workdir`` (read from /proc; False where there is none)."""
+    """Whether ``pid`` is a redis-server working in ``workdir``: its executable and its current folder (it
+    chdirs to ``--dir``), read from /proc; False where there is none. Not its command line: redis-server
+    rewrites that to its own title."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        exe, cwd = os.readlink(f"/proc/{pid}/exe"), os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return bool(argv) and argv[0].endswith(b"redis-server") and os.fsencode(workdir) in argv
+    return Path(exe).name == "redis-server" and Path(cwd) == Path(workdir).resolve()
 
 
 def clean_stale_workdirs(root: Path | None = None) -> int:
