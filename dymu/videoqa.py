@@ -9,6 +9,7 @@ the distributed pipeline can run each one in its own worker and cache what ``enc
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -123,10 +124,15 @@ class VideoQA:
 
     # --- stage 3: the answer ---------------------------------------------------------------------------
     def answer(
-        self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = ""
+        self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = "",
+        stop: tuple[str, ...] = (),
     ) -> Answer:
+        """The answer to ``question``; ``stop``: strings that end it (cut before the first one found)."""
         kind = tokens.meta.get("kind", "video")
-        generation = write_answer(self.family, tokens, question, kind, self.config.generate_config(self.family.config.text_config.num_hidden_layers), on_text)
+        generate_config = self.config.generate_config(self.family.config.text_config.num_hidden_layers)
+        if stop:
+            generate_config = dataclasses.replace(generate_config, stop_strings=tuple(stop))
+        generation = write_answer(self.family, tokens, question, kind, generate_config, on_text)
         return Answer(question=question, text=generation.text or "", source=source,
                       report=build_report(self.config, tokens, generation), tokens=list(generation.tokens))
 
