@@ -37,7 +37,7 @@ def test_streamed_pieces_add_up_to_the_final_answer(pieces, stop, final):
 @pytest.mark.parametrize("address, public", [
     ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.0.0.7", False),
     ("192.168.1.1", False), ("172.16.0.1", False), ("169.254.169.254", False), ("::1", False), ("fe80::1", False),
-    ("fd00::1", False), ("::ffff:127.0.0.1", False), ("0.0.0.0", False), ("100.64.0.1", False), ("224.0.0.1", False),
+    ("fd00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True), ("0.0.0.0", False), ("100.64.0.1", False), ("224.0.0.1", False),
 ])
 def test_only_public_addresses_are_fetched(address, public):
     assert is_public_address(address) is public

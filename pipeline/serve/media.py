@@ -64,8 +64,6 @@ class Fetched:
 def is_public_address(address: str) -> bool:
     """False for loopback, private, link-local, multicast, reserved and unspecified addresses (v4 and v6)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
 
 
