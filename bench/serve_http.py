@@ -18,6 +18,7 @@ import functools
 import http.server
 import json
 import logging
+import os
 import socket
 import statistics
 import sys
@@ -29,8 +30,22 @@ from pathlib import Path
 
 import httpx
 
-# tests/media.py writes the clips; bench/e2e.py holds the LLaVA-OneVision-0.5B shape.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+from dymu.tiny import TinySizes
+
+# Run as `python bench/serve_http.py`, this folder comes first on sys.path and bench/pipeline.py would hide the
+# `pipeline` package; tests/media.py writes the clips.
+_HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent / "tests")]
+
+
+# llava-onevision-qwen2-0.5b's shapes (as bench/e2e.py): SigLIP-so400m and Qwen2-0.5B, random weights.
+OV_05B = TinySizes(vision_width=1152, vision_layers=26, vision_heads=16, vision_mlp=4304,
+                   text_width=896, text_layers=24, text_heads=14, text_kv_heads=2, text_mlp=4864, vocab_size=1024)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def free_port() -> int:
@@ -40,8 +55,7 @@ def free_port() -> int:
 
 
 def media_server(root: Path) -> str:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(QuietHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -110,11 +124,10 @@ def main() -> None:
     from workers.redis_server import EmbeddedRedis
 
     work = Path(tempfile.mkdtemp(prefix="dymu-serve-bench-"))
+    os.environ.setdefault("DYMU_CACHE", str(work / "cache"))  # calibrated thresholds stay out of the user's cache
     model = args.model
     if model is None:
-        from e2e import FULL
-
-        sizes = FULL if args.shape == "ov-0.5b" else None
+        sizes = OV_05B if args.shape == "ov-0.5b" else None
         model = str(make_tiny_checkpoint(work / "model", family="llava-onevision", seed=0, sizes=sizes))
     clips = work / "clips"
     clips.mkdir()

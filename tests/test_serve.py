@@ -23,6 +23,11 @@ FRAMES = 4
 MAX_TOKENS = 12
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,8 +45,7 @@ def media(tmp_path_factory):
     textured_image(root / "b.png", size=96, seed=2)
     (root / "notes.txt").write_text("not a video at all\n" * 20)
     (root / "big.mp4").write_bytes(b"\0" * (300 << 10))  # over the 256 KiB limit below
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(QuietHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}"

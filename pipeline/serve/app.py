@@ -92,6 +92,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Not the client's fault: logged with its traceback, answered in OpenAI's shape."""
+    log.error("request failed", exc_info=exc)
+    error = ApiError(500, f"internal error: {type(exc).__name__}", "internal_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
 @serve.deployment(name="DymuChat", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class ChatServer:

@@ -106,7 +106,11 @@ class Backend:
             key = token_cache_key(source, self.config.model, self.config.revision or "",
                                   {**settings, "sampling": dataclasses.asdict(sampling)})
             status, tokens = self.cache.get.remote(key)
-            found = await status
+            try:
+                found = await status
+            except ray.exceptions.RayError as exc:  # the cache actor is gone: only the cache is lost
+                log.warning("token cache unavailable: %s", exc)
+                found, key = {"status": "unavailable"}, None
             if found["status"] == "hit":
                 return tokens, {"status": "hit"}, {"cache_read": found["seconds"]}
         if media is None:
@@ -118,9 +122,13 @@ class Backend:
         summary, tokens = encoder.encode.remote(media)
         summary = await self._call(summary)
         seconds["encode"] = summary["seconds"].get("encode", 0.0) + summary["seconds"].get("layout", 0.0)
-        status = "off"
+        status = "off" if self.cache is None else "unavailable"
         if key is not None:
-            stored = await self.cache.put.remote(key, tokens)
+            try:
+                stored = await self.cache.put.remote(key, tokens)
+            except ray.exceptions.RayError as exc:
+                log.warning("token cache unavailable: %s", exc)
+                stored = {"status": "unavailable"}
             status = "miss" if stored["status"] == "stored" else "unavailable"
         return tokens, {"status": status}, seconds
 

@@ -21,7 +21,7 @@ class ApiError(Exception):
     """An error the client caused (or may retry): HTTP status plus OpenAI's error fields."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 503: "server_error"}
+             413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
