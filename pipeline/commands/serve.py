@@ -5,7 +5,9 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
 from dymu.errors import DymuError
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
             serve.run(build_app(settings), name="dymu", route_prefix="/", blocking=False)
             log.warning("serving %s at http://%s:%d/v1 (preset %s, token cache: %s); Ctrl-C stops it",
                         settings.served_name, args.host, args.port, settings.config.preset, runtime.describe_cache())
+            # SIGTERM (docker stop, systemd, kill) stops it like Ctrl-C: the finally blocks below stop Serve, Ray
+            # and the private redis-server.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             threading.Event().wait()
         finally:
             serve.shutdown()
