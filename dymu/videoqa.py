@@ -128,12 +128,16 @@ class VideoQA:
 
     # --- stage 3: the answer ---------------------------------------------------------------------------
     def answer(
-        self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = ""
+        self, tokens: MergedTokens, question: str, on_text: Callable[[str], None] | None = None, source: str = "",
+        stop: tuple[str, ...] = (),
     ) -> Answer:
-        if not question.strip():
-            raise DymuError("the question is empty")
+        """The answer to ``question``; ``stop``: strings that end it (cut before the first one found)."""
+        check_question(question)
         kind = tokens.meta.get("kind", "video")
-        generation = write_answer(self.family, tokens, question, kind, self.config.generate_config(self.family.config.text_config.num_hidden_layers), on_text)
+        generate_config = self.config.generate_config(self.family.config.text_config.num_hidden_layers)
+        if stop:
+            generate_config = dataclasses.replace(generate_config, stop_strings=tuple(stop))
+        generation = write_answer(self.family, tokens, question, kind, generate_config, on_text)
         return Answer(question=question, text=generation.text or "", source=source,
                       report=build_report(self.config, tokens, generation), tokens=list(generation.tokens))
 
@@ -167,6 +171,7 @@ class VideoQA:
     def answer_request(self, tokens: MergedTokens, question: str,
                        options: dict[str, Any] | None = None) -> tuple[VirtualSequence, GenerateConfig, str, int]:
         """(sequence, generation options, visual prefix key, visual prefix length) for the engine."""
+        check_question(question)
         sequence, key, prefix = answer_request(self.family, tokens, question, tokens.meta.get("kind", "video"))
         return sequence, self.generate_config(options), key, prefix
 
@@ -184,6 +189,11 @@ class VideoQA:
 
 
 REQUEST_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def check_question(question: str) -> None:
+    if not question.strip():
+        raise DymuError("the question is empty")
 
 
 def default_kv_cache_gb(device: Any) -> float:

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "pipeline.commands.ask",
     "pipeline.commands.caption",
     "pipeline.commands.stream",
+    "pipeline.commands.serve",
     "pipeline.commands.demo",
     "pipeline.commands.make_tiny_model",
     "pipeline.commands.calibrate",

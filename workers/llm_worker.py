@@ -30,6 +30,8 @@ class LLMWorker:
     def __init__(self, config: VideoQAConfig, threads: int | None = None):
         self.qa = load_videoqa(config, threads)
         self.engine = EngineThread(self.qa.make_engine())
+        self.cancelled = 0  # requests whose caller went away before their answer
+        self.finished = 0
 
     async def answer(self, tokens: MergedTokens, question: str, source: str = "",
                      options: dict[str, Any] | None = None) -> Answer:
@@ -46,8 +48,9 @@ class LLMWorker:
             yield item
 
     async def stats(self) -> dict[str, Any]:
-        """The engine's figures: running and waiting requests, KV blocks, prefix-cache hits..."""
-        return self.engine.stats()
+        """The engine's figures (running and waiting requests, KV blocks, prefix-cache hits...), and how many
+        answers this worker finished and how many were cancelled by their caller."""
+        return {**self.engine.stats(), "cancelled": self.cancelled, "finished": self.finished}
 
     async def _write(self, tokens: MergedTokens, question: str, source: str, options: dict[str, Any] | None,
                      with_text: bool) -> AsyncIterator[str | Answer]:
@@ -79,9 +82,11 @@ class LLMWorker:
             yield answer
         finally:
             if not finished:  # cancelled or dropped: free its memory now
+                self.cancelled += 1
                 self.engine.abort(ticket)
 
     def _record(self, answer: Answer) -> None:
+        self.finished += 1
         seconds = answer.report["seconds"]
         metrics = pipeline_metrics()
         metrics.stage(self.qa.config.model, "prefill", seconds["prefill"])
