@@ -180,3 +180,17 @@ def test_bad_inputs_are_refused(qwen25):
         QwenDToMeEncoder(model.model.visual, taus=[0.5])
     with pytest.raises(DymuError, match="not a Qwen"):
         QwenDToMeEncoder(torch.nn.Linear(2, 2))
+
+
+def test_thresholds_one_give_the_stock_features_in_bfloat16(tiny_qwen25, tiny_qwen3):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    for path, cls in ((tiny_qwen25, Qwen2_5_VLForConditionalGeneration), (tiny_qwen3, Qwen3VLForConditionalGeneration)):
+        model = cls.from_pretrained(path, dtype=torch.bfloat16).eval()
+        pixels, grid = _images(AutoProcessor.from_pretrained(path), [_noise(), _textured()])
+        with torch.no_grad():
+            stock = model.model.get_image_features(pixels.to(torch.bfloat16), grid)
+        tokens = _encoder(model)(pixels.to(torch.bfloat16), grid)
+        for merged, features in zip(tokens, stock.pooler_output):
+            assert merged.embeds.dtype == torch.bfloat16
+            torch.testing.assert_close(merged.embeds[merged.mapping], features, rtol=0.02, atol=0.02)
