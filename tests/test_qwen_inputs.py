@@ -122,3 +122,20 @@ def test_thresholds_of_one_qwen_family_are_refused_by_the_other(tiny_qwen25, tin
     encoder = load_vision_model(str(tiny_qwen3), device="cpu", dtype="float32").encoder()
     with pytest.raises(ThresholdsError, match="do not fit"):
         Thresholds.load(out, encoder.fingerprint(), str(tiny_qwen3))
+
+
+def test_a_job_can_calibrate_on_its_own_frames_and_find_them_again(tiny_qwen3, processors):
+    from dymu.thresholds_store import calibrate_and_cache, find_thresholds
+
+    vision = load_vision_model(str(tiny_qwen3), device="cpu", dtype="float32")
+    frames = [media.textured_frame(128, seed=i) for i in range(3)] + [np.full((128, 160, 3), 90, np.uint8)]
+    inputs = vision.calibration_pixels(frames)
+    part = inputs[1:3]
+    assert len(part) == 2 and torch.equal(part.grid_thw, inputs.grid_thw[1:3])
+    per_image = int(inputs.grid_thw[0].prod())
+    torch.testing.assert_close(part.pixel_values, inputs.pixel_values[per_image:3 * per_image])
+    encoder = vision.encoder()
+    assert find_thresholds(str(tiny_qwen3), encoder, keep=60) is None
+    made = calibrate_and_cache(str(tiny_qwen3), encoder, 60, inputs, "frames", batch_size=2)
+    assert len(made.taus) == encoder.num_layers
+    assert find_thresholds(str(tiny_qwen3), encoder, keep=60).taus == made.taus

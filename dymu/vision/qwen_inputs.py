@@ -43,6 +43,18 @@ class QwenVisualInput:
     def __len__(self) -> int:
         return int(self.grid_thw.shape[0])
 
+    def __getitem__(self, entries: slice) -> "QwenVisualInput":
+        """Some of the entries (a slice), with their patches: batches for calibration."""
+        if not isinstance(entries, slice):
+            raise DymuError("a QwenVisualInput is sliced by entries, e.g. inputs[0:8]")
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), self.grid_thw.prod(-1).cumsum(0)]).tolist()
+        first, stop, step = entries.indices(len(self))
+        if step != 1:
+            raise DymuError("a QwenVisualInput slice takes consecutive entries")
+        stop = max(first, stop)
+        return QwenVisualInput(self.pixel_values[starts[first]:starts[stop]], self.grid_thw[first:stop],
+                               self.seconds_per_slot[first:stop], self.slot_timestamps[first:stop])
+
 
 def qwen_frame_count(total_frames: int, video_fps: float, fps: float = QWEN_FPS, min_frames: int = QWEN_MIN_FRAMES,
                      max_frames: int = QWEN_MAX_FRAMES) -> int:
