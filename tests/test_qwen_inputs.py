@@ -139,3 +139,15 @@ def test_a_job_can_calibrate_on_its_own_frames_and_find_them_again(tiny_qwen3, p
     made = calibrate_and_cache(str(tiny_qwen3), encoder, 60, inputs, "frames", batch_size=2)
     assert len(made.taus) == encoder.num_layers
     assert find_thresholds(str(tiny_qwen3), encoder, keep=60).taus == made.taus
+
+
+def test_a_video_file_is_sampled_by_fps_and_paired_into_slots(processors, tmp_path):
+    from dymu.vision.qwen_inputs import read_video_inputs
+
+    path = media.static_video(tmp_path / "clip.mp4", num_frames=50, size=96, fps=10.0)  # 5 s
+    inputs = read_video_inputs(processors["qwen2.5-vl"], path)
+    assert len(inputs) == 1 and int(inputs.grid_thw[0, 0]) == 5  # 2 fps x 5 s = 10 frames = 5 slots
+    assert inputs.seconds_per_slot == [pytest.approx(1.0)]
+    assert inputs.slot_timestamps[0][0] == pytest.approx(0.25, abs=0.06)
+    few = read_video_inputs(processors["qwen3-vl"], path, fps=0.2)  # 1 frame wanted: min_frames gives 4
+    assert int(few.grid_thw[0, 0]) == 2

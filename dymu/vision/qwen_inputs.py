@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from dymu.errors import DymuError
+from dymu.frames import probe_video, read_video_frames
 
 # qwen-vl-utils' defaults (FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES, FRAME_FACTOR).
 QWEN_FPS = 2.0
@@ -107,6 +109,14 @@ def video_inputs(processor, frames: np.ndarray, timestamps: Sequence[float], tot
     else:  # one slot: its length is its two frames' spacing (none: a still)
         seconds = float(timestamps[-1] - timestamps[0]) * FRAMES_PER_SLOT / max(1, len(timestamps) - 1)
     return QwenVisualInput(out["pixel_values_videos"], out["video_grid_thw"], [seconds], [stamps])
+
+
+def read_video_inputs(processor, path: str | Path, fps: float = QWEN_FPS, min_frames: int = QWEN_MIN_FRAMES,
+                      max_frames: int = QWEN_MAX_FRAMES) -> QwenVisualInput:
+    """A video file sampled by qwen-vl-utils' fps rule, through the model's video processor."""
+    total, video_fps = probe_video(path)
+    video = read_video_frames(path, num_frames=qwen_frame_count(total, video_fps, fps, min_frames, max_frames))
+    return video_inputs(processor, video.frames, video.timestamps, video.total_frames, video.source_fps)
 
 
 def concat_inputs(parts: Sequence[QwenVisualInput]) -> QwenVisualInput:
