@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true",
                         help="Qwen-VL: compare merge groupings and rotary forms at --preset on the first --sizes")
     parser.add_argument("--preset", default="mid", choices=PRESETS, help="Qwen-VL --compare: preset (default mid)")
+    parser.add_argument("--taus-cache", default=None, help="Qwen-VL: JSON file to keep calibrated thresholds in")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
