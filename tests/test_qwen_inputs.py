@@ -135,6 +135,10 @@ def test_a_job_can_calibrate_on_its_own_frames_and_find_them_again(tiny_qwen3, p
     per_image = int(inputs.grid_thw[0].prod())
     torch.testing.assert_close(part.pixel_values, inputs.pixel_values[per_image:3 * per_image])
     encoder = vision.encoder()
+    # Presets are shares of the merge positions: 448 px / 32 px = 14x14 merger cells, or 28x28 patches.
+    from dymu.vision.qwen_model import QwenFrameEncoder
+
+    assert encoder.num_positions == 196 and QwenFrameEncoder(vision.visual, grouping="patch").num_positions == 784
     assert find_thresholds(str(tiny_qwen3), encoder, keep=60) is None
     made = calibrate_and_cache(str(tiny_qwen3), encoder, 60, inputs, "frames", batch_size=2)
     assert len(made.taus) == encoder.num_layers

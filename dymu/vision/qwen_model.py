@@ -50,9 +50,11 @@ class QwenFrameEncoder:
 
     @property
     def num_positions(self) -> int:
-        """Merger cells of a calibration-size image."""
-        cell = self.visual.config.patch_size * self.visual.config.spatial_merge_size
-        return (CALIBRATION_SIDE // cell) ** 2
+        """Merge positions of a calibration-size image: its merger cells (``grouping="patch"``: its patches,
+        so that a preset removes the same share of the encoder's rows either way)."""
+        config = self.visual.config
+        cells = (CALIBRATION_SIDE // (config.patch_size * config.spatial_merge_size)) ** 2
+        return cells if self.qwen.grouping == "group" else cells * config.spatial_merge_size**2
 
     def __call__(self, inputs: QwenVisualInput) -> list[MergedImage]:
         return self.run(inputs, ThresholdPolicy(self.taus))
