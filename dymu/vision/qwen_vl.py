@@ -20,7 +20,10 @@ DToMe here keeps that structure valid:
 - **DeepStack** (Qwen3-VL): a tap's merger runs on the rows of its block, and each final row gets the mean
   of the tap features of the merger cells it stands for: the same merge map as the final features.
 
-Thresholds 1.0 merge nothing and reproduce ``get_image_features`` / ``get_video_features``.
+Thresholds 1.0 merge nothing and reproduce ``get_image_features`` / ``get_video_features``. Thresholds
+files come from `dymu-video calibrate` (``dymu.vision.qwen_model.QwenFrameEncoder`` gives their fingerprint):
+``QwenDToMeEncoder(visual, taus=thresholds.taus)``. Inputs: ``dymu.vision.qwen_inputs`` (the processor's
+pixels, fps sampling, slot times).
 
 Results are one ``MergedTokens`` per image or video (per ``grid_thw`` row):
 
