@@ -10,8 +10,8 @@ interleaved, best of a few rounds; still, on a shared machine the times are nois
 
     python bench/encoder.py --threads 1     # 8 images, batch 4, bf16 (fast on CPUs with AMX; CUDA if present)
     python bench/encoder.py --dtype float32 --images 4
-    python bench/encoder.py --family qwen2.5-vl --images 4 --threads 1     # Qwen2.5-VL-7B-shaped, 448px and 720p
-    python bench/encoder.py --family qwen2.5-vl --compare --sizes 448x448  # merge units and rotary forms
+    python -m bench.encoder --family qwen2.5-vl --images 2 --threads 1     # Qwen2.5-VL-7B-shaped, 448px and 720p
+    python -m bench.encoder --family qwen2.5-vl --compare --sizes 448x448  # merge units and rotary forms
 
 On a busy 2-core machine, prefer --threads 1: with two OpenMP threads every mid-sized op waits on a thread
 that another process has taken, which charges the runner's extra small ops far more than their work.
@@ -166,7 +166,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.family != "siglip":
-        from encoder_qwen import run_compare, run_presets  # bench/ is the script's folder
+        try:  # python -m bench.encoder
+            from bench.encoder_qwen import run_compare, run_presets
+        except ImportError:  # python bench/encoder.py: bench/ is the script's folder
+            from encoder_qwen import run_compare, run_presets
 
         (run_compare if args.compare else run_presets)(args)
         return
