@@ -48,6 +48,8 @@ class EncoderFingerprint:
 
     @classmethod
     def of(cls, encoder: DToMeEncoder) -> "EncoderFingerprint":
+        if hasattr(encoder, "fingerprint"):  # encoders without a fixed input size say it themselves (Qwen-VL)
+            return encoder.fingerprint()
         config = encoder.tower.config
         return cls(
             family=encoder.family,
