@@ -33,6 +33,11 @@ from dymu.vision.qwen_inputs import QwenVisualInput
 from dymu.vision.qwen_model import CALIBRATION_SIDE, QwenFrameEncoder
 from dymu.vision.qwen_vl import QwenDToMeEncoder
 
+try:  # python -m bench.encoder
+    from bench.encoder import _timed
+except ImportError:  # python bench/encoder.py: bench/ is the script's folder
+    from encoder import _timed
+
 log = logging.getLogger("bench.encoder_qwen")
 
 PRESETS = ("low", "mid", "high")
@@ -157,16 +162,6 @@ class FlopCounter:
         qwen_vl._segment_attention = self._original
         for handle in self.handles:
             handle.remove()
-
-
-def _timed(fn, device: torch.device) -> tuple[float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def calibrated(visual, family, processor, device, dtype, images: int, grouping: str = "group",

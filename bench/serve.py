@@ -26,24 +26,12 @@ import time
 
 import torch
 
-from bench.llm import video_prompt
+from bench.llm import build_model, video_prompt
 from dymu.engine import Engine, EngineConfig
 from dymu.engine.block_manager import block_bytes
 from dymu.llm import GenerateConfig, LinearSchedule, PruneConfig, VirtualSequence, load_decoder
 
 log = logging.getLogger("bench.serve")
-
-
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=896, num_hidden_layers=args.layers, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=args.vocab, max_position_embeddings=32768,
-        eos_token_id=None, bos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(args.seed)
-    return Qwen2ForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
 
 
 def sync(device: torch.device) -> None:
