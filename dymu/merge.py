@@ -101,12 +101,15 @@ def attention_bias(sizes: Tensor, dtype: torch.dtype) -> Tensor:
     return sizes.log().to(dtype)[:, None, None, :]
 
 
-def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Edges:
+def bipartite_edges(
+    metric: Tensor, sizes: Tensor, num_protected: int = 0, segments: Tensor | None = None
+) -> Edges:
     """Each A row's best edge to a B row, by cosine of the padded ``metric`` (B, T, C).
 
     ``sizes`` (B, T) marks padding with 0. Padding rows and the first ``num_protected`` rows take no part.
-    At most half of the rows that may merge get a finite score (the best-scoring ones), so no layer more
-    than halves an image.
+    ``segments`` (B, T), optional: a row may only merge with a row of the same segment (Qwen2.5-VL's
+    attention windows). At most half of the rows that may merge get a finite score (the best-scoring
+    ones), so no layer more than halves an image.
     """
     batch, length, _ = metric.shape
     position = torch.arange(length, device=metric.device)
@@ -118,6 +121,8 @@ def bipartite_edges(metric: Tensor, sizes: Tensor, num_protected: int = 0) -> Ed
 
     metric = F.normalize(metric.float(), dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    if segments is not None:
+        similarity.masked_fill_(segments[:, ::2, None] != segments[:, None, 1::2], float("-inf"))
     if not bool(open_b.all()):
         similarity.masked_fill_(~open_b[:, None, :], float("-inf"))
     scores, targets = similarity.max(dim=-1)

@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("llava-onevision", "llava")
+FAMILIES = ("llava-onevision", "llava", "qwen2.5-vl", "qwen3-vl")
 
 # A few sentences are enough for a tiny BPE: any ASCII text still tokenizes (characters are the
 # alphabet), common words just come out shorter.
@@ -188,8 +188,6 @@ def make_tiny_checkpoint(
     The same seed gives the same weights and tokenizer. The folder holds what a hub checkpoint holds, so
     every loader in this package (and transformers' own) treats it as a real model.
     """
-    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
     if family not in FAMILIES:
         from dymu.errors import DymuError
 
@@ -197,6 +195,13 @@ def make_tiny_checkpoint(
     sizes = sizes or TinySizes()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if family in ("qwen2.5-vl", "qwen3-vl"):
+        _save_qwen(out, family, seed, sizes)
+        log.info("wrote tiny %s checkpoint to %s", family, out)
+        return out
+
+    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
     if family == "llava-onevision":
         config, tokenizer, image_processor, chat_template = _ov_parts(sizes)
         model_cls = LlavaOnevisionForConditionalGeneration
@@ -215,6 +220,28 @@ def make_tiny_checkpoint(
     _write_processor_configs(out, family, config, image_processor)
     log.info("wrote tiny %s checkpoint to %s", family, out)
     return out
+
+
+def _save_qwen(out: Path, family: str, seed: int, sizes: TinySizes) -> None:
+    """Qwen-VL checkpoints are saved through their own processor class (it writes the tokenizer, the image
+    and video processor configs and the chat template), so AutoProcessor loads them back as they are."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    from dymu.tiny_qwen import qwen3_vl_parts, qwen25_vl_parts
+
+    if family == "qwen2.5-vl":
+        config, processor, _ = qwen25_vl_parts(sizes)
+        model_cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        config, processor, _ = qwen3_vl_parts(sizes)
+        model_cls = Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.tokenizer.pad_token_id
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 def _write_processor_configs(out: Path, family: str, config, image_processor) -> None:

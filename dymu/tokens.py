@@ -38,6 +38,7 @@ class MergedTokens:
     timestamps: seconds of each frame in its video (empty for a still image).
     config_hash: hash of everything that changed how these tokens were made.
     meta: small JSON-able extras (model id, preset, per-stage token counts...).
+    deepstack: Qwen3-VL's DeepStack features, one (U, D) tensor per tap, rows as ``embeds`` (empty otherwise).
     """
 
     embeds: torch.Tensor
@@ -47,6 +48,7 @@ class MergedTokens:
     timestamps: list[float] = field(default_factory=list)
     config_hash: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    deepstack: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_unique(self) -> int:
@@ -93,6 +95,9 @@ class MergedTokens:
             raise InvalidTokens("sizes disagree with the mapping")
         if self.timestamps and len(self.timestamps) != self.num_frames:
             raise InvalidTokens("one timestamp per frame is required")
+        for i, features in enumerate(self.deepstack):
+            if features.dim() != 2 or features.shape[0] != u:
+                raise InvalidTokens(f"deepstack[{i}] must have shape ({u}, D), got {tuple(features.shape)}")
         return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MergedTokens":
@@ -104,6 +109,7 @@ class MergedTokens:
             timestamps=list(self.timestamps),
             config_hash=self.config_hash,
             meta=dict(self.meta),
+            deepstack=[d.to(device=device, dtype=dtype) for d in self.deepstack],
         )
 
     def to_bytes(self) -> bytes:
@@ -119,6 +125,7 @@ class MergedTokens:
             "sizes": self.sizes.detach().contiguous().cpu(),
             "mapping": self.mapping.detach().contiguous().cpu(),
         }
+        tensors.update({f"deepstack.{i}": d.detach().contiguous().cpu() for i, d in enumerate(self.deepstack)})
         return st_save(tensors, metadata=header)
 
     @classmethod
@@ -137,6 +144,7 @@ class MergedTokens:
                 timestamps=[float(x) for x in json.loads(header["timestamps"])],
                 config_hash=header["config_hash"],
                 meta=json.loads(header["meta"]),
+                deepstack=[tensors[f"deepstack.{i}"] for i in range(sum(k.startswith("deepstack.") for k in tensors))],
             )
         except InvalidTokens:
             raise

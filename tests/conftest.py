@@ -45,3 +45,19 @@ def tiny_llava(tmp_path_factory) -> Path:
     from dymu.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"), family="llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL checkpoint (14px patches, 112px windows, full attention in block 3 of 4, Qwen2)."""
+    from dymu.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen25"), family="qwen2.5-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A tiny Qwen3-VL checkpoint (16px patches, DeepStack after ViT blocks 1 and 2, Qwen3)."""
+    from dymu.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), family="qwen3-vl", seed=0)

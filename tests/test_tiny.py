@@ -78,3 +78,57 @@ def test_cli_rejects_unknown_family(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["make-tiny-model", str(tmp_path / "m"), "--family", "gpt2"])
     assert exc.value.code == 2
+
+
+def _qwen_model_cls(family: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen3VLForConditionalGeneration
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_loads_and_generates_image_and_video_through_its_own_processor(family, tiny_qwen25, tiny_qwen3):
+    from transformers import AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    path = tiny_qwen25 if family == "qwen2.5-vl" else tiny_qwen3
+    processor = AutoProcessor.from_pretrained(path)
+    model = _qwen_model_cls(family).from_pretrained(path).eval()
+    vision = model.config.vision_config
+    patch = 14 if family == "qwen2.5-vl" else 16
+    assert (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) == (patch, 2, 2)
+    if family == "qwen2.5-vl":
+        assert vision.window_size == 112 and list(vision.fullatt_block_indexes) == [vision.depth - 1]
+    else:
+        assert len(vision.deepstack_visual_indexes) >= 1 and model.config.text_config.head_dim == 32
+
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    inputs = processor(images=_image(), text=processor.apply_chat_template(image, add_generation_prompt=True),
+                       return_tensors="pt")
+    # Dynamic resolution: 240x320 rounded to the patch x merge grid (28 or 32 px).
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    factor = 2 * patch
+    assert (t, h * patch, w * patch) == (1, round(240 / factor) * factor, round(320 / factor) * factor)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == h * w // 4
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+    frames = np.random.default_rng(1).integers(0, 255, (8, 240, 320, 3), dtype=np.uint8)
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    inputs = processor(
+        videos=[frames], text=processor.apply_chat_template(video, add_generation_prompt=True), return_tensors="pt",
+        videos_kwargs={"video_metadata": [VideoMetadata(total_num_frames=8, fps=4.0, frames_indices=list(range(8)))],
+                       "do_sample_frames": False},
+    )
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert t == 4  # two frames per temporal slot
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == t * h * w // 4
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_cli_writes_a_qwen_checkpoint(family, tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--family", family]) == 0
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "processor_config.json").exists()
+    assert f"wrote a tiny {family} checkpoint" in capsys.readouterr().out
