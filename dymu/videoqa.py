@@ -20,10 +20,11 @@ from PIL import Image
 
 from dymu.answer import write_answer
 from dymu.errors import DymuError
-from dymu.families import VLMFamily, load_family
+from dymu.families import QwenVLFamily, VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
 from dymu.visual import VisualTokenizer
+from dymu.visual_qwen import QwenVisualTokenizer
 from dymu.config import VideoQAConfig, make_config
 from dymu.thresholds_store import calibrate_and_cache, find_thresholds
 
@@ -40,6 +41,7 @@ class Media:
     timestamps: list[float] = field(default_factory=list)
     image: Image.Image | None = None
     read_seconds: float = 0.0
+    video_metadata: dict[str, Any] | None = None  # {total_num_frames, fps, frames_indices} of the source video
 
 
 @dataclass
@@ -66,8 +68,10 @@ def read_media(path: str | Path, config: VideoQAConfig, supports_video: bool = T
         raise DymuError(f"{config.model} answers about images only, and {source} is a video")
     video = read_video_frames(path, num_frames=config.num_frames if config.fps is None else None,
                               fps=config.fps, max_frames=config.max_frames)
+    metadata = {"total_num_frames": int(video.total_frames), "fps": float(video.source_fps),
+                "frames_indices": [int(i) for i in video.indices]} if video.indices else None
     return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
-                 read_seconds=time.perf_counter() - started)
+                 read_seconds=time.perf_counter() - started, video_metadata=metadata)
 
 
 class VideoQA:
@@ -76,7 +80,7 @@ class VideoQA:
     def __init__(self, family: VLMFamily, config: VideoQAConfig):
         self.family = family
         self.config = config
-        self._visual: VisualTokenizer | None = None
+        self._visual: VisualTokenizer | QwenVisualTokenizer | None = None
 
     @classmethod
     def from_pretrained(
@@ -95,6 +99,8 @@ class VideoQA:
         visual = self.visual_tokenizer(media)
         if media.kind == "image":
             tokens = visual.encode_image(media.image)
+        elif isinstance(visual, QwenVisualTokenizer):
+            tokens = visual.encode_frames(media.frames, media.timestamps, media.video_metadata)
         else:
             tokens = visual.encode_frames(media.frames, media.timestamps)
         tokens.config_hash = self.config.encoder_fingerprint()
@@ -102,11 +108,14 @@ class VideoQA:
         tokens.meta["kind"] = media.kind
         return tokens
 
-    def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer:
+    def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer | QwenVisualTokenizer:
         """The encoder stage, built on first use (its thresholds may be calibrated on ``media``)."""
         if self._visual is not None:
             return self._visual
         config = self.config
+        if isinstance(self.family, QwenVLFamily):
+            self._visual = qwen_visual_tokenizer(self.family, config)
+            return self._visual
         if not config.dtome:
             self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
             return self._visual
@@ -134,6 +143,22 @@ class VideoQA:
         """Read, encode and answer in one call."""
         media = self.read(path)
         return self.answer(self.encode(media), question, on_text, source=media.source)
+
+
+def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig) -> QwenVisualTokenizer:
+    """The Qwen-VL encoder stage: the stock features at ``dtome: false``, else DToMe with the thresholds of
+    ``config.thresholds`` (a file checked against the vision model's fingerprint)."""
+    from dymu.thresholds import EncoderFingerprint, Thresholds
+
+    if not config.dtome:
+        return QwenVisualTokenizer(family, None, config.temporal_threshold)
+    probe = QwenVisualTokenizer(family, None, config.temporal_threshold)
+    fingerprint = EncoderFingerprint.of(probe.encoder)
+    if config.thresholds is None:
+        raise DymuError(f"no DToMe thresholds for {config.model} yet: pass --thresholds FILE (from "
+                        f"`dymu-video calibrate`), or --preset off for the stock model")
+    thresholds = Thresholds.load(config.thresholds, fingerprint, config.model)
+    return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold)
 
 
 def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dict[str, Any]:

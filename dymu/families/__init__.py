@@ -7,8 +7,10 @@ from dymu.errors import DymuError
 from dymu.families.base import ModelNotAvailable, Prompt, VLMFamily, load_pretrained, resolve_device_dtype
 from dymu.families.llava import LlavaFamily
 from dymu.families.onevision import OneVisionFamily
+from dymu.families.qwen_vl import Qwen3VLFamily, Qwen25VLFamily, QwenVLFamily
 
-FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily}
+FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily, "qwen2_5_vl": Qwen25VLFamily,
+            "qwen3_vl": Qwen3VLFamily}
 
 
 def load_family(
@@ -21,10 +23,12 @@ def load_family(
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise DymuError(
-            f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision and LLaVA-1.5 checkpoints"
+            f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision, LLaVA-1.5, Qwen2.5-VL "
+            f"and Qwen3-VL checkpoints"
         )
     dev, dt = resolve_device_dtype(device, dtype)
     return family.load(model_id, dev, dt, revision)
 
 
-__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "VLMFamily", "load_family"]
+__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "Qwen25VLFamily",
+           "Qwen3VLFamily", "QwenVLFamily", "VLMFamily", "load_family"]

@@ -58,7 +58,7 @@ def sequence_from_ids(model: nn.Module, input_ids: torch.Tensor, visual: MergedT
 
     ``visual`` is a ``MergedTokens`` (mapping over the placeholders in prompt order) or (P, D) unmerged
     rows, one per placeholder. ``positions`` (3, L) from ``stock_positions`` (None: 1-D). ``deepstack``:
-    per early layer, one row per merged row of ``visual``. Text ids are embedded with the model's table.
+    per early layer, one row per merged row of ``visual`` (default: ``visual.deepstack``). Text ids are embedded with the model's table.
     """
     from dymu.llm.decoder import load_decoder
 
@@ -68,6 +68,8 @@ def sequence_from_ids(model: nn.Module, input_ids: torch.Tensor, visual: MergedT
     if isinstance(visual, MergedTokens):
         visual.validate()
         rows, block_map = visual.embeds, visual.mapping.to(decoder.device)
+        if deepstack is None and visual.deepstack:
+            deepstack = visual.deepstack
     else:
         rows, block_map = visual, torch.arange(visual.shape[0], device=decoder.device)
     placeholders = int(is_visual.sum())
@@ -81,6 +83,8 @@ def sequence_from_ids(model: nn.Module, input_ids: torch.Tensor, visual: MergedT
     mapping[~is_visual] = torch.arange(text_ids.shape[0], device=ids.device)
     mapping[is_visual] = block_map + text_ids.shape[0]
     all_rows = torch.cat([text_rows.to(decoder.dtype), rows.to(decoder.device, decoder.dtype)])
+    if deepstack is not None:
+        deepstack = [d.to(decoder.device, decoder.dtype) for d in deepstack]
     sequence = VirtualSequence(all_rows, mapping, is_visual, positions if positions is None else
                                positions.to(decoder.device), deepstack)
     return sequence.validate(decoder.max_positions)

@@ -1,0 +1,142 @@
+"""Qwen2.5-VL and Qwen3-VL end to end: `--preset off` answers token for token as transformers' own pipeline
+(processor, chat template, generate) for an image and a video; DToMe-merged tokens (DeepStack included) flow
+through VideoQA and the `ask` / `caption` commands; bad input is one clear line and exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dymu.thresholds import EncoderFingerprint, Thresholds
+from dymu.videoqa import VideoQA
+from media import changing_video, static_video, textured_image
+from pipeline.cli import main
+
+FAMILIES = ["tiny_qwen25", "tiny_qwen3"]
+QUESTION = "What is happening here?"
+
+
+@pytest.fixture(autouse=True)
+def _shared_runtime(ray_local, redis_server, monkeypatch):
+    """`ask` runs through the Ray pipeline: share the session's Ray and Redis instead of starting new ones."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen-media")
+    return {
+        "video": changing_video(root / "changing.mp4", num_frames=8, size=64),
+        "static": static_video(root / "static.mp4", num_frames=8, size=64),
+        "image": textured_image(root / "photo.png", size=96),
+    }
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def qa_off(checkpoint):
+    return VideoQA.from_pretrained(str(checkpoint), preset="off", num_frames=4, max_new_tokens=12, device="cpu")
+
+
+def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> list[int]:
+    """What transformers' own pipeline answers: the processor's chat template and inputs, then generate.
+    Video frames are the ones dymu sampled, given with their metadata (the processor then samples none)."""
+    from transformers.video_utils import VideoMetadata
+
+    processor, model = qa.family.processor, qa.family.model
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    media = qa.read(path)
+    if kind == "image":
+        inputs = processor(text=[text], images=[media.image.convert("RGB")], return_tensors="pt")
+    else:
+        inputs = processor(text=[text], videos=[media.frames], video_metadata=[VideoMetadata(**media.video_metadata)],
+                           do_sample_frames=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind):
+    answer = qa_off.ask(media[kind], QUESTION)
+    expected = transformers_answer(qa_off, media[kind], kind, 12)
+    assert answer.tokens == expected
+    llm = answer.report["llm"]
+    assert llm["rows_fed"] == llm["virtual_length"]  # nothing merged
+    if kind == "video":
+        assert answer.report["frames"] == 2  # 4 frames, two per temporal slot
+
+
+def thresholds_file(qa: VideoQA, path, tau: float) -> str:
+    """A thresholds file for the model's vision blocks, every block at ``tau``."""
+    encoder = qa.visual_tokenizer().encoder
+    Thresholds(taus=[tau] * encoder.num_layers, model_id=qa.config.model, encoder=EncoderFingerprint.of(encoder),
+               target_keep=0.0).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qa_merged(checkpoint, qa_off, tmp_path_factory):
+    path = thresholds_file(qa_off, tmp_path_factory.mktemp("taus") / "taus.json", 0.6)
+    return VideoQA.from_pretrained(str(checkpoint), preset="mid", num_frames=8, max_new_tokens=6, device="cpu",
+                                   thresholds=path, temporal_threshold=0.8)
+
+
+def test_merged_tokens_flow_through_vtu(qa_merged, qa_off, media):
+    merged = qa_merged.encode(qa_merged.read(media["static"]))
+    full = qa_off.encode(qa_off.read(media["static"]))
+    assert merged.num_unique < 0.5 * merged.num_positions
+    assert len(merged.deepstack) == len(full.deepstack)  # Qwen3-VL: DeepStack rows follow the merged rows
+    assert all(d.shape[0] == merged.num_unique for d in merged.deepstack)
+    stages = merged.meta["stages"]
+    assert sum(stages["temporal_rows_per_frame"]) < sum(stages["layout_rows_per_frame"])  # a static scene
+    answer = qa_merged.answer(merged, QUESTION)
+    llm = answer.report["llm"]
+    assert llm["rows_fed"] < llm["virtual_length"]
+    # Every original position is there: the prompt is as long as the unmerged one (8 frames = 4 slots).
+    assert merged.num_positions == 2 * full.num_positions
+    assert answer.tokens
+
+
+def test_no_vtu_baseline_and_pruning_run(qa_merged, media):
+    tokens = qa_merged.encode(qa_merged.read(media["static"]))
+    config = qa_merged.config
+    for overrides in ({"vtu": False}, {"prune": {"enabled": True, "layer": 0, "start_step": 1, "interval": 1}}):
+        qa = VideoQA(qa_merged.family, type(config)(**{**config.to_dict(), **overrides}))
+        answer = qa.answer(tokens, QUESTION)
+        assert len(answer.tokens) >= 1
+
+
+def test_ask_cli_on_video_and_image(checkpoint, media, capsys):
+    for kind in ("video", "image"):
+        rc = main(["ask", str(media[kind]), QUESTION, "--model", str(checkpoint), "--preset", "off", "--frames", "4",
+                   "--max-new-tokens", "4", "--json", "--device", "cpu"])
+        assert rc == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["kind"] == kind and report["llm"]["answer_tokens"] >= 1
+
+
+def test_caption_cli(checkpoint, media, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    rc = main(["caption", str(media["video"]), str(media["image"]), "--model", str(checkpoint), "--preset", "off",
+               "--frames", "4", "--max-new-tokens", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["kind"] for line in lines) == ["image", "video"]
+    assert all("caption" in line for line in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "mid"], "thresholds"),
+    (["--preset", "off", "--frames", "0"], "num_frames"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, capsys, args, message):
+    rc = main(["ask", str(media["video"]), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
