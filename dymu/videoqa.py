@@ -145,6 +145,22 @@ class VideoQA:
         return self.answer(self.encode(media), question, on_text, source=media.source)
 
 
+def missing_qwen_thresholds(config: VideoQAConfig) -> str:
+    return (f"no DToMe thresholds for {config.model} yet: pass --thresholds FILE (from `dymu-video calibrate`), "
+            f"or --preset off for the stock model")
+
+
+def check_config(config: VideoQAConfig) -> None:
+    """What can be checked from the checkpoint's config alone, so that it fails before any model loads."""
+    from transformers import AutoConfig
+
+    from dymu.families.base import load_pretrained
+
+    model_type = load_pretrained(AutoConfig, config.model, config.revision).model_type
+    if model_type in ("qwen2_5_vl", "qwen3_vl") and config.dtome and config.thresholds is None:
+        raise DymuError(missing_qwen_thresholds(config))
+
+
 def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig) -> QwenVisualTokenizer:
     """The Qwen-VL encoder stage: the stock features at ``dtome: false``, else DToMe with the thresholds of
     ``config.thresholds`` (a file checked against the vision model's fingerprint)."""
@@ -155,8 +171,7 @@ def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig) -> QwenVi
     probe = QwenVisualTokenizer(family, None, config.temporal_threshold)
     fingerprint = EncoderFingerprint.of(probe.encoder)
     if config.thresholds is None:
-        raise DymuError(f"no DToMe thresholds for {config.model} yet: pass --thresholds FILE (from "
-                        f"`dymu-video calibrate`), or --preset off for the stock model")
+        raise DymuError(missing_qwen_thresholds(config))
     thresholds = Thresholds.load(config.thresholds, fingerprint, config.model)
     return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold)
 

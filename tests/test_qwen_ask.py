@@ -113,18 +113,17 @@ def test_no_vtu_baseline_and_pruning_run(qa_merged, media):
         assert len(answer.tokens) >= 1
 
 
-def test_ask_cli_on_video_and_image(checkpoint, media, capsys):
-    for kind in ("video", "image"):
-        rc = main(["ask", str(media[kind]), QUESTION, "--model", str(checkpoint), "--preset", "off", "--frames", "4",
-                   "--max-new-tokens", "4", "--json", "--device", "cpu"])
-        assert rc == 0
-        report = json.loads(capsys.readouterr().out)
-        assert report["kind"] == kind and report["llm"]["answer_tokens"] >= 1
+def test_ask_and_caption_commands(tiny_qwen25, tiny_qwen3, media, tmp_path, capsys):
+    """Through the Ray pipeline (Redis cache included): `ask` on a Qwen3-VL video, `caption` on a Qwen2.5-VL
+    video and image. One family each: every run starts the pipeline's actors, which costs tens of seconds."""
+    rc = main(["ask", str(media["video"]), QUESTION, "--model", str(tiny_qwen3), "--preset", "off", "--frames", "4",
+               "--max-new-tokens", "4", "--json", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "video" and report["llm"]["answer_tokens"] >= 1
 
-
-def test_caption_cli(checkpoint, media, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
-    rc = main(["caption", str(media["video"]), str(media["image"]), "--model", str(checkpoint), "--preset", "off",
+    rc = main(["caption", str(media["video"]), str(media["image"]), "--model", str(tiny_qwen25), "--preset", "off",
                "--frames", "4", "--max-new-tokens", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
