@@ -43,7 +43,7 @@ def qa_off(checkpoint):
     return VideoQA.from_pretrained(str(checkpoint), preset="off", num_frames=4, max_new_tokens=12, device="cpu")
 
 
-def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> list[int]:
+def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> tuple[list[int], dict]:
     """What transformers' own pipeline answers: the processor's chat template and inputs, then generate.
     Video frames are the ones dymu sampled, given with their metadata (the processor then samples none)."""
     from transformers.video_utils import VideoMetadata
@@ -59,14 +59,21 @@ def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> li
                            do_sample_frames=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind):
     answer = qa_off.ask(media[kind], QUESTION)
-    expected = transformers_answer(qa_off, media[kind], kind, 12)
+    expected, inputs = transformers_answer(qa_off, media[kind], kind, 12)
     assert answer.tokens == expected
+    # The prompt and its M-RoPE positions are the stock model's (greedy tokens alone may not notice a shift).
+    sequence = qa_off.family.question_sequence(qa_off.encode(qa_off.read(media[kind])), QUESTION, kind)
+    ids = inputs["input_ids"]
+    assert sequence.num_positions == ids.shape[1]
+    positions, _ = qa_off.family.model.model.get_rope_index(ids, **{k: v for k, v in inputs.items() if k in (
+        "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")})
+    assert torch.equal(sequence.positions, positions[:, 0])
     llm = answer.report["llm"]
     assert llm["rows_fed"] == llm["virtual_length"]  # nothing merged
     if kind == "video":
