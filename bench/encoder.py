@@ -10,6 +10,8 @@ interleaved, best of a few rounds; still, on a shared machine the times are nois
 
     python bench/encoder.py --threads 1     # 8 images, batch 4, bf16 (fast on CPUs with AMX; CUDA if present)
     python bench/encoder.py --dtype float32 --images 4
+    python bench/encoder.py --family qwen2.5-vl --images 4 --threads 1     # Qwen2.5-VL-7B-shaped, 448px and 720p
+    python bench/encoder.py --family qwen2.5-vl --compare --sizes 448x448  # merge units and rotary forms
 
 On a busy 2-core machine, prefer --threads 1: with two OpenMP threads every mid-sized op waits on a thread
 that another process has taken, which charges the runner's extra small ops far more than their work.
@@ -150,10 +152,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds; each time is the best (default 2)")
+    parser.add_argument("--family", choices=["siglip", "qwen2.5-vl", "qwen3-vl"], default="siglip",
+                        help="siglip (default), or a Qwen2.5-VL-7B / Qwen3-VL-8B-shaped encoder (bench/encoder_qwen.py)")
+    parser.add_argument("--sizes", nargs="+", choices=["448x448", "1280x720"], default=["448x448", "1280x720"],
+                        help="Qwen-VL: image sizes to time (default both)")
+    parser.add_argument("--calibration-images", type=int, default=8, help="Qwen-VL: calibration images (default 8)")
+    parser.add_argument("--compare", action="store_true",
+                        help="Qwen-VL: compare merge groupings and rotary forms at --preset on the first --sizes")
+    parser.add_argument("--preset", default="mid", choices=PRESETS, help="Qwen-VL --compare: preset (default mid)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.family != "siglip":
+        from encoder_qwen import run_compare, run_presets  # bench/ is the script's folder
+
+        (run_compare if args.compare else run_presets)(args)
+        return
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     torch.manual_seed(0)
 

@@ -79,9 +79,9 @@ def calibrate(
     seen = 0
     for pixels in batches:
         encoder.run(pixels, policy)
-        seen += pixels.shape[0]
+        seen += len(pixels)
         if on_batch:
-            on_batch(pixels.shape[0])
+            on_batch(len(pixels))
     if seen == 0:
         raise DymuError("the calibration set is empty")
     taus = policy.taus()
@@ -97,5 +97,5 @@ def token_counts(
     for pixels in batches:
         counts.extend(image.num_tokens for image in encoder(pixels))
         if on_batch:
-            on_batch(pixels.shape[0])
+            on_batch(len(pixels))
     return counts

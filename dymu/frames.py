@@ -236,6 +236,16 @@ def _probe(path: Path) -> _StreamInfo:
         return _StreamInfo(fps=fps, duration=duration, start=start, frames=int(stream.frames))
 
 
+def probe_video(path: str | Path) -> tuple[int, float]:
+    """(frame count, frames per second) of a video file, without decoding it (packets are counted when
+    the container does not say how many frames it holds)."""
+    path = _existing_file(path)
+    if _is_still_image(path):
+        raise UnsupportedMedia(f"{path}: is an image, not a video")
+    info = _probe(path)
+    return info.frames or _count_packets(path), info.fps
+
+
 def read_video_frames(
     path: str | Path,
     num_frames: int | None = 8,

@@ -39,10 +39,8 @@ class EncoderFingerprint:
 
     @classmethod
     def of(cls, encoder: DToMeEncoder) -> "EncoderFingerprint":
-        if hasattr(encoder, "visual"):  # a Qwen-VL vision model: any resolution, every block can merge
-            config = encoder.visual.config
-            return cls(family=encoder.family, num_layers=encoder.num_layers, feature_layer=-1, image_size=0,
-                       patch_size=int(config.patch_size), hidden_size=int(config.hidden_size))
+        if hasattr(encoder, "fingerprint"):  # encoders without a fixed input size say it themselves (Qwen-VL)
+            return encoder.fingerprint()
         config = encoder.tower.config
         return cls(
             family=encoder.family,

@@ -114,7 +114,7 @@ class VideoQA:
             return self._visual
         config = self.config
         if isinstance(self.family, QwenVLFamily):
-            self._visual = qwen_visual_tokenizer(self.family, config)
+            self._visual = qwen_visual_tokenizer(self.family, config, media)
             return self._visual
         if not config.dtome:
             self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
@@ -145,34 +145,26 @@ class VideoQA:
         return self.answer(self.encode(media), question, on_text, source=media.source)
 
 
-def missing_qwen_thresholds(config: VideoQAConfig) -> str:
-    return (f"no DToMe thresholds for {config.model} yet: pass --thresholds FILE (from `dymu-video calibrate`), "
-            f"or --preset off for the stock model")
-
-
-def check_config(config: VideoQAConfig) -> None:
-    """What can be checked from the checkpoint's config alone, so that it fails before any model loads."""
-    from transformers import AutoConfig
-
-    from dymu.families.base import load_pretrained
-
-    model_type = load_pretrained(AutoConfig, config.model, config.revision).model_type
-    if model_type in ("qwen2_5_vl", "qwen3_vl") and config.dtome and config.thresholds is None:
-        raise DymuError(missing_qwen_thresholds(config))
-
-
-def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig) -> QwenVisualTokenizer:
-    """The Qwen-VL encoder stage: the stock features at ``dtome: false``, else DToMe with the thresholds of
-    ``config.thresholds`` (a file checked against the vision model's fingerprint)."""
-    from dymu.thresholds import EncoderFingerprint, Thresholds
+def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig,
+                          media: Media | None = None) -> QwenVisualTokenizer:
+    """The Qwen-VL encoder stage: the stock features at ``dtome: false``, else DToMe with thresholds found as
+    for the other families (a file, the bundled or cached ones), or calibrated on ``media``'s frames (each at
+    the calibration size, as `dymu-video calibrate` does for Qwen-VL)."""
+    from dymu.vision.qwen_inputs import image_inputs
+    from dymu.vision.qwen_model import CALIBRATION_SIDE, QwenFrameEncoder
 
     if not config.dtome:
         return QwenVisualTokenizer(family, None, config.temporal_threshold)
-    probe = QwenVisualTokenizer(family, None, config.temporal_threshold)
-    fingerprint = EncoderFingerprint.of(probe.encoder)
-    if config.thresholds is None:
-        raise DymuError(missing_qwen_thresholds(config))
-    thresholds = Thresholds.load(config.thresholds, fingerprint, config.model)
+    probe = QwenFrameEncoder(family.vision_tower)
+    keep = config.tokens_to_keep(probe.num_positions)
+    thresholds = find_thresholds(config.model, probe, keep, config.thresholds)
+    if thresholds is None:
+        if media is None:
+            raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
+        images = [media.image] if media.kind == "image" else [Image.fromarray(frame) for frame in media.frames]
+        side = (CALIBRATION_SIDE, CALIBRATION_SIDE)
+        pixels = image_inputs(family.processor, [image.convert("RGB").resize(side, Image.BICUBIC) for image in images])
+        thresholds = calibrate_and_cache(config.model, probe, keep, pixels, media.source)
     return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold)
 
 

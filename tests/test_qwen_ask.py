@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from dymu.thresholds import EncoderFingerprint, Thresholds
 from dymu.videoqa import VideoQA
 from media import changing_video, static_video, textured_image
 from pipeline.cli import main
@@ -80,19 +79,13 @@ def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind
         assert answer.report["frames"] == 2  # 4 frames, two per temporal slot
 
 
-def thresholds_file(qa: VideoQA, path, tau: float) -> str:
-    """A thresholds file for the model's vision blocks, every block at ``tau``."""
-    encoder = qa.visual_tokenizer().encoder
-    Thresholds(taus=[tau] * encoder.num_layers, model_id=qa.config.model, encoder=EncoderFingerprint.of(encoder),
-               target_keep=0.0).save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def qa_merged(checkpoint, qa_off, tmp_path_factory):
-    path = thresholds_file(qa_off, tmp_path_factory.mktemp("taus") / "taus.json", 0.6)
-    return VideoQA.from_pretrained(str(checkpoint), preset="mid", num_frames=8, max_new_tokens=6, device="cpu",
-                                   thresholds=path, temporal_threshold=0.8)
+def qa_merged(checkpoint, media):
+    """Preset mid; thresholds calibrated on the changing clip's own frames (no file: the job calibrates)."""
+    qa = VideoQA.from_pretrained(str(checkpoint), preset="mid", num_frames=8, max_new_tokens=6, device="cpu",
+                                 temporal_threshold=0.8)
+    qa.visual_tokenizer(qa.read(media["video"]))
+    return qa
 
 
 def test_merged_tokens_flow_through_vtu(qa_merged, qa_off, media):
@@ -138,11 +131,12 @@ def test_ask_and_caption_commands(tiny_qwen25, tiny_qwen3, media, tmp_path, caps
     assert all("caption" in line for line in lines)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "mid"], "thresholds"),
-    (["--preset", "off", "--frames", "0"], "num_frames"),
+@pytest.mark.parametrize("path, args, message", [
+    ("missing.mp4", [], "no such file"),
+    ("video", ["--frames", "0"], "num_frames"),
 ])
-def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, capsys, args, message):
-    rc = main(["ask", str(media["video"]), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
+def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, tmp_path, capsys, path, args, message):
+    path = media.get(path, tmp_path / path)
+    rc = main(["ask", str(path), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -21,6 +21,7 @@ from dymu.families import FAMILIES
 from dymu.families.base import load_pretrained, normalize_frames, resolve_device_dtype
 from dymu.frames import MediaNotFound, load_image, media_kind, read_video_frames
 from dymu.vision.encoder import DToMeEncoder
+from dymu.vision.qwen_model import QWEN_MODEL_CLASSES, QwenVisionModel, load_qwen_vision_model
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class VisionModel:
         arrays = [np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame) for frame in frames]
         return normalize_frames(arrays, (self.image_size, self.image_size), self.image_mean, self.image_std)
 
+    def calibration_pixels(self, frames: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
+        """Calibration sees frames as the encoder does (every frame is square-resized already)."""
+        return self.pixels(frames)
+
 
 def vision_model_from(model_id: str, model: nn.Module, image_processor) -> VisionModel:
     """The vision side of an already loaded LLaVA / LLaVA-OneVision model."""
@@ -72,8 +77,9 @@ def vision_model_from(model_id: str, model: nn.Module, image_processor) -> Visio
 
 def load_vision_model(
     model_id: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"
-) -> VisionModel:
-    """Load a LLaVA-OneVision or LLaVA-1.5 checkpoint (hub id or folder) and keep only its vision tower.
+) -> VisionModel | QwenVisionModel:
+    """Load a LLaVA-OneVision, LLaVA-1.5, Qwen2.5-VL or Qwen3-VL checkpoint (hub id or folder) and keep only
+    its vision side.
 
     The whole checkpoint is loaded through transformers (which knows every weight naming scheme) and the
     language model is dropped at once.
@@ -86,9 +92,13 @@ def load_vision_model(
         config = load_pretrained(AutoConfig, model_id)
     except ValueError as exc:  # a folder with a config.json that is not a model's
         raise DymuError(f"{model_id} is not a Hugging Face model checkpoint ({exc})") from exc
+    if config.model_type in QWEN_MODEL_CLASSES:
+        return load_qwen_vision_model(model_id, config.model_type, device, dtype)
     family = FAMILIES.get(config.model_type)
     if family is None:
-        raise DymuError(f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision and LLaVA-1.5")
+        raise DymuError(
+            f"{model_id} is a {config.model_type!r} model; supported: LLaVA-OneVision, LLaVA-1.5, Qwen2.5-VL and Qwen3-VL"
+        )
     model = load_pretrained(getattr(transformers, family.model_class), model_id, dtype=dtype)
     image_processor = load_pretrained(AutoImageProcessor, model_id)
     vision = vision_model_from(model_id, model, image_processor)

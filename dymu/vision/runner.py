@@ -80,6 +80,10 @@ class MergedImage:
     def num_tokens(self) -> int:
         return int(self.features.shape[0])
 
+    @property
+    def num_positions(self) -> int:
+        return int(self.mapping.shape[0])
+
     def to_tokens(
         self, timestamp: float | None = None, config_hash: str = "", meta: dict[str, Any] | None = None
     ) -> MergedTokens:

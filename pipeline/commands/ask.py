@@ -89,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.frames import media_kind
     from dymu.config import make_config
-    from dymu.videoqa import check_config
     from pipeline.jobs import Pipeline
     from pipeline.runtime import runtime_from_args
     from dymu.videoqa import format_report
@@ -99,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     # a video for an image-only model.
     kind = media_kind(args.path)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
-    check_config(config)
     if kind == "video" and not family_supports_video(config.model, config.revision):
         raise DymuError(f"{config.model} answers about images only, and {args.path} is a video")
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))

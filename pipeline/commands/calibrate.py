@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "and stored in the thresholds file."
         ),
     )
-    p.add_argument("--model", required=True, help="LLaVA-OneVision or LLaVA-1.5 checkpoint: hub id or local folder")
+    p.add_argument("--model", required=True, help="LLaVA-OneVision, LLaVA-1.5, Qwen2.5-VL or Qwen3-VL checkpoint: hub id or local folder")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="images, videos or folders of them")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--keep", type=float, help="average visual tokens to keep per image")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     def batches():
         for batch in batched(iter_samples(files, args.frames_per_video), args.batch_size):
-            yield vision.pixels([sample.frame for sample in batch])
+            yield vision.calibration_pixels([sample.frame for sample in batch])
 
     with tqdm(total=expected, unit="img", desc="calibrating") as bar:
         taus = calibrate(encoder, batches(), keep, on_batch=bar.update)

@@ -85,7 +85,6 @@ def caption_record(result: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.config import make_config
-    from dymu.videoqa import check_config
     from pipeline.inputs import expand_inputs
     from pipeline.jobs import Job
     from pipeline.jsonl import JsonlFile
@@ -95,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
         raise DymuError("--retry-failed goes with --resume")
     paths = expand_inputs(args.inputs)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
-    check_config(config)
     family_supports_video(config.model, config.revision)  # a checkpoint that is not there fails before the batch
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     with JsonlFile.open(args.out, mode) as out:

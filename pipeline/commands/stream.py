@@ -127,7 +127,6 @@ def load_engine(config: Any, ray_address: str | None, feeds: int) -> tuple[Any, 
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.config import make_config
-    from dymu.videoqa import check_config
     from pipeline.ingest import FeedOptions
     from pipeline.stream import LiveStreams, connect_feeds
     from workers.redis_server import connect_redis
@@ -138,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_results is not None and args.max_results < 1:
         raise DymuError("--max-results must be >= 1")
     config = make_config(args.preset, args.config_file, **config_overrides(args))
-    check_config(config)
     options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
                           stall_timeout_s=args.stall_timeout, realtime=args.realtime)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or None

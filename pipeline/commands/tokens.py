@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "video) and print how many visual tokens it costs without and with merging."
         ),
     )
-    p.add_argument("--model", required=True, help="LLaVA-OneVision or LLaVA-1.5 checkpoint: hub id or local folder")
+    p.add_argument("--model", required=True, help="LLaVA-OneVision, LLaVA-1.5, Qwen2.5-VL or Qwen3-VL checkpoint: hub id or local folder")
     p.add_argument("--thresholds", required=True, help="thresholds file written by `dymu-video calibrate`")
     p.add_argument("paths", nargs="+", metavar="PATH", help="images, videos or folders of them")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 "path": str(sample.path),
                 "frame": sample.index,
                 "timestamp": sample.timestamp,
-                "before": encoder.num_positions,
+                "before": image.num_positions,  # Qwen-VL: each image's own dynamic resolution
                 "after": image.num_tokens,
             })
 
