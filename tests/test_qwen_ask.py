@@ -140,3 +140,9 @@ def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, tmp_path, cap
     rc = main(["ask", str(path), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_stream_refuses_qwen_models_clearly(tiny_qwen3, media, capsys):
+    rc = main(["stream", str(media["video"]), "--prompt", "What changed?", "--model", str(tiny_qwen3)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not supported" in err, err
