@@ -165,7 +165,7 @@ def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig,
         side = (CALIBRATION_SIDE, CALIBRATION_SIDE)
         pixels = image_inputs(family.processor, [image.convert("RGB").resize(side, Image.BICUBIC) for image in images])
         thresholds = calibrate_and_cache(config.model, probe, keep, pixels, media.source)
-    return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold)
+    return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold, config.reuse_threshold)
 
 
 def build_report(config: VideoQAConfig, tokens: MergedTokens, generation) -> dict[str, Any]:

@@ -66,14 +66,47 @@ def temporal_merge(tokens: MergedTokens, threshold: float) -> MergedTokens:
     return merged.validate()
 
 
+def reused_slots(pixels: torch.Tensor, slots: int, threshold: float) -> list[int]:
+    """For each temporal slot of a video's patches (slots * cells, features), the slot whose encoding it uses:
+    itself, or the last encoded slot when none of its patches changed by more than ``threshold`` (mean
+    absolute difference of the patch's normalised pixels, both frames) since; 0 = encode every slot."""
+    per_slot = pixels.view(slots, -1, pixels.shape[-1])
+    source, last = [0] * slots, 0
+    for slot in range(1, slots):
+        if threshold <= 0 or float((per_slot[slot] - per_slot[last]).abs().mean(-1).max()) > threshold:
+            last = slot
+        source[slot] = last
+    return source
+
+
+def join_slots(parts: Sequence[MergedTokens]) -> MergedTokens:
+    """Temporal slots side by side (each keeps its own rows), DeepStack rows alike."""
+    offsets = torch.tensor([0] + [p.num_unique for p in parts[:-1]]).cumsum(0).tolist()
+    taps = len(parts[0].deepstack)
+    return MergedTokens(
+        embeds=torch.cat([p.embeds for p in parts]),
+        sizes=torch.cat([p.sizes for p in parts]),
+        mapping=torch.cat([p.mapping + offset for p, offset in zip(parts, offsets)]),
+        positions_per_frame=[n for p in parts for n in p.positions_per_frame],
+        deepstack=[torch.cat([p.deepstack[i] for p in parts]) for i in range(taps)],
+        meta=dict(parts[0].meta),
+    )
+
+
 class QwenVisualTokenizer:
     """Frames or an image -> merged tokens for a Qwen-VL model. ``taus``: DToMe thresholds per vision block,
-    or None for the stock features (``get_image_features`` / ``get_video_features``, nothing merged)."""
+    or None for the stock features (``get_image_features`` / ``get_video_features``, nothing merged).
+    ``reuse_threshold``: a temporal slot none of whose patches changed by more than this since the last
+    encoded slot reuses its encoding (``reused_slots``); 0 = encode every slot. Slots are encoded each as
+    its own grid entry, which is what the vision model does within one video (attention never crosses a slot).
+    """
 
-    def __init__(self, family: QwenVLFamily, taus: Sequence[float] | None, temporal_threshold: float = 1.0):
+    def __init__(self, family: QwenVLFamily, taus: Sequence[float] | None, temporal_threshold: float = 1.0,
+                 reuse_threshold: float = 0.0):
         self.family = family
         self.taus = None if taus is None else list(taus)
         self.temporal_threshold = temporal_threshold
+        self.reuse_threshold = reuse_threshold
         self.encoder = QwenDToMeEncoder(family.vision_tower, self.taus)
 
     @property
@@ -88,7 +121,14 @@ class QwenVisualTokenizer:
         metadata = inputs["video_metadata"]
         seconds = self.family.seconds_per_slot(metadata)
         grid = inputs["video_grid_thw"]
-        tokens = self._encode(inputs["pixel_values_videos"], grid, "video", seconds)
+        pixels = inputs["pixel_values_videos"]
+        t, h, w = (int(v) for v in grid[0])
+        source = reused_slots(pixels, t, self.reuse_threshold)
+        keys = sorted(set(source))
+        slot_pixels = pixels.view(t, h * w, -1)[keys].reshape(-1, pixels.shape[-1])
+        encoded_slots = self._encode(slot_pixels, torch.tensor([[1, h, w]] * len(keys)), "video", seconds)
+        by_slot = dict(zip(keys, encoded_slots))
+        tokens = join_slots([by_slot[slot] for slot in source])
         encoded = time.perf_counter()
         dtome_rows = tokens.rows_per_frame()
         tokens = temporal_merge(tokens, self.temporal_threshold)
@@ -96,6 +136,7 @@ class QwenVisualTokenizer:
         tokens.meta.update(seconds_per_slot=seconds, video_frames=len(frames), video_metadata={
             "total_num_frames": int(metadata.total_num_frames), "fps": float(metadata.fps),
             "frames_indices": [int(i) for i in metadata.frames_indices]})
+        tokens.meta["encoded_slots"] = len(keys)
         return self._finish(tokens, grid, dtome_rows, started, encoded)
 
     @torch.no_grad()
@@ -103,29 +144,28 @@ class QwenVisualTokenizer:
         started = time.perf_counter()
         inputs = self.family.image_inputs(image)
         grid = inputs["image_grid_thw"]
-        tokens = self._encode(inputs["pixel_values"], grid, "image", 0.0)
+        tokens = self._encode(inputs["pixel_values"], grid, "image", 0.0)[0]
         return self._finish(tokens, grid, tokens.rows_per_frame(), started, time.perf_counter())
 
-    def _encode(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str, seconds: float) -> MergedTokens:
+    def _encode(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str, seconds: float) -> list[MergedTokens]:
+        """One ``MergedTokens`` per grid entry."""
         if self.taus is not None:
-            return self.encoder(pixels, grid, seconds_per_slot=[seconds])[0]
-        return self._stock(pixels, grid, kind, seconds)
+            return self.encoder(pixels, grid, seconds_per_slot=[seconds] * len(grid))
+        return self._stock(pixels, grid, kind)
 
-    def _stock(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str, seconds: float) -> MergedTokens:
+    def _stock(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str) -> list[MergedTokens]:
         """The stock features, each merger output its own row (the ``off`` path)."""
         model = self.family.model.model
-        pixels = pixels.to(self.device)
         out = (model.get_image_features if kind == "image" else model.get_video_features)(
-            pixels, grid.to(self.device), return_dict=True)
-        embeds = torch.cat(out.pooler_output)
-        deepstack = [torch.cat(f) for f in getattr(out, "deepstack_features", None) or []]
-        t, h, w = (int(v) for v in grid[0])
-        merge = self.family.vision_tower.spatial_merge_size
-        n = embeds.shape[0]
-        ids = torch.arange(n, device=embeds.device)
-        return MergedTokens(embeds, torch.ones_like(ids), ids, [n // t] * t, deepstack=deepstack,
-                            meta={"family": self.family.name, "grid_thw": [t, h, w], "merge_size": merge,
-                                  "seconds_per_slot": seconds, "slot_timestamps": []})
+            pixels.to(self.device), grid.to(self.device), return_dict=True)
+        deepstack = getattr(out, "deepstack_features", None) or []
+        results = []
+        for entry, embeds in enumerate(out.pooler_output):
+            ids = torch.arange(embeds.shape[0], device=embeds.device)
+            t = int(grid[entry, 0])
+            results.append(MergedTokens(embeds, torch.ones_like(ids), ids, [embeds.shape[0] // t] * t,
+                                        deepstack=[tap[entry] for tap in deepstack]))
+        return results
 
     def _finish(self, tokens: MergedTokens, grid: torch.Tensor, dtome_rows: list[int], started: float,
                 encoded: float) -> MergedTokens:
@@ -136,7 +176,7 @@ class QwenVisualTokenizer:
             grid_thw=[t, h, w],
             stages={
                 "encoder_tokens_per_frame": h * w,  # patches per temporal slot, before the 2x2 merger
-                "encoded_frames": t,
+                "encoded_frames": tokens.meta.get("encoded_slots", t),
                 "dtome_tokens_per_frame": [rows * merge * merge for rows in dtome_rows],
                 "layout_rows_per_frame": dtome_rows,
                 "temporal_rows_per_frame": tokens.rows_per_frame(),

@@ -96,6 +96,9 @@ def test_merged_tokens_flow_through_vtu(qa_merged, qa_off, media):
     assert all(d.shape[0] == merged.num_unique for d in merged.deepstack)
     stages = merged.meta["stages"]
     assert sum(stages["temporal_rows_per_frame"]) < sum(stages["layout_rows_per_frame"])  # a static scene
+    assert stages["encoded_frames"] == 1 < merged.num_frames  # later slots reuse the first one's encoding
+    changing = qa_merged.encode(qa_merged.read(media["video"]))
+    assert changing.meta["stages"]["encoded_frames"] == changing.num_frames
     answer = qa_merged.answer(merged, QUESTION)
     llm = answer.report["llm"]
     assert llm["rows_fed"] < llm["virtual_length"]

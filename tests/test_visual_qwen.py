@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dymu.tokens import MergedTokens
-from dymu.visual_qwen import slot_seconds, split_slots, temporal_merge
+from dymu.visual_qwen import join_slots, reused_slots, slot_seconds, split_slots, temporal_merge
 
 
 def two_slots(width: int = 8) -> tuple[MergedTokens, torch.Tensor]:
@@ -45,3 +45,19 @@ def test_threshold_one_changes_nothing():
 def test_slot_seconds_pair_frames_and_pad_an_odd_count():
     assert slot_seconds([0.0, 0.5, 1.0, 1.5], 2) == [0.25, 1.25]
     assert slot_seconds([0.0, 0.5, 1.0], 2) == [0.25, 1.0]
+
+
+def test_reused_slots_compare_with_the_last_encoded_slot():
+    base = torch.zeros(4, 6)
+    drift = torch.zeros(4, 6)
+    drift[2] = 0.06  # one patch drifts by 0.06 per slot: below 0.1 once, above it after two slots
+    pixels = torch.cat([base, base + drift, base + 2 * drift, base + 2 * drift])
+    assert reused_slots(pixels, 4, 0.1) == [0, 0, 2, 2]
+    assert reused_slots(pixels, 4, 0.0) == [0, 1, 2, 3]
+
+
+def test_join_slots_keeps_rows_apart():
+    tokens, deep = two_slots()
+    joined = join_slots([tokens, tokens])
+    assert joined.num_unique == 14 and torch.equal(joined.mapping[8:], tokens.mapping + 7)
+    assert torch.equal(joined.deepstack[0], torch.cat([deep, deep]))
