@@ -10,7 +10,7 @@ from dymu.errors import DymuError
 from dymu.llm import GenerateConfig, KVCache, PruneConfig, generate, load_decoder, prefill
 from dymu.llm.mrope import sequence_from_ids, stock_positions
 from dymu.tokens import MergedTokens
-from tests.llm_models import single_thread  # noqa: F401 (fixture)
+from tests.llm_models import single_thread, tiny_decoder  # noqa: F401 (fixture)
 from tests.qwen_models import END_ID, IMAGE_ID, START_ID, VIDEO_ID, placeholder_ids, random_patches, tiny_qwen_vl
 
 FAMILIES = ["qwen2.5-vl", "qwen3-vl"]
@@ -192,5 +192,10 @@ def test_bad_inputs_fail_clearly(model):
     if deepstack is not None:
         with pytest.raises(DymuError, match="deepstack"):
             sequence_from_ids(model, ids, features, positions, [d[:-1] for d in deepstack])
+    sequence = sequence_from_ids(model, ids, features, positions, deepstack)
+    with pytest.raises(DymuError, match="expanded"):
+        generate(model, sequence, GenerateConfig(max_new_tokens=2, kv_cache="grouped"))
+    with pytest.raises(DymuError, match="1-D RoPE"):
+        prefill(load_decoder(tiny_decoder("qwen2")), sequence, empty_cache(load_decoder(model)))
     with pytest.raises(DymuError, match="grids"):
         stock_positions(model, ids, image_grid_thw=torch.tensor([[1, 4, 4]]))

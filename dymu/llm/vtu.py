@@ -12,7 +12,8 @@ are added to the visual rows after the first layers, as the stock model adds the
 ids instead of positions (the M-RoPE index is not one number): the prompt's entries are numbered up to
 ``next_position - 1`` so that decode steps, which count up from ``next_position``, keep them ascending.
 
-"No VTU" feeds the U rows at consecutive positions, as if the merged sequence were the whole prompt.
+"No VTU" feeds the U rows at consecutive positions, as if the merged sequence were the whole prompt (with
+M-RoPE: each row at its first position's (t, h, w), see ``VirtualSequence.consecutive``).
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def prefill(decoder: Decoder, sequence: VirtualSequence, cache: KVCache | Groupe
         raise DymuError(f"unknown prefill mode {mode!r} (expected 'vtu' or 'no_vtu')")
     if any(cache.length(i) for i in range(cache.num_layers)):
         raise DymuError("prefill needs an empty KV cache")
+    if sequence.positions is not None and isinstance(cache, GroupedKVCache):
+        raise DymuError("the grouped KV cache rotates keys by 1-D position; M-RoPE (Qwen-VL) prompts need "
+                        "kv_cache 'expanded'")
 
     merged = not sequence.is_identity()
     mapping = sequence.mapping if merged else None
