@@ -38,7 +38,10 @@ class TextStream:
 
 
 def question_sequence(family: VLMFamily, tokens: MergedTokens, question: str, kind: str) -> VirtualSequence:
-    """The LLM input: the prompt's text, with the merged visual block where the placeholder was."""
+    """The LLM input: the prompt's text, with the merged visual block where the placeholder was. A family
+    that lays out its own prompt (Qwen-VL: placeholders per merger output, M-RoPE positions) builds it."""
+    if hasattr(family, "question_sequence"):
+        return family.question_sequence(tokens, question, kind)
     prompt = family.prompt(question, kind)
     return build_sequence(family.model, [prompt.before, tokens, prompt.after])
 

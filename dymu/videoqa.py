@@ -21,10 +21,11 @@ from PIL import Image
 
 from dymu.answer import answer_request, write_answer
 from dymu.errors import DymuError
-from dymu.families import VLMFamily, load_family
+from dymu.families import QwenVLFamily, VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
 from dymu.visual import VisualTokenizer
+from dymu.visual_qwen import QwenVisualTokenizer
 from dymu.config import VideoQAConfig, make_config
 from dymu.llm.config import GenerateConfig
 from dymu.llm.generate import GenerationResult
@@ -44,6 +45,7 @@ class Media:
     timestamps: list[float] = field(default_factory=list)
     image: Image.Image | None = None
     read_seconds: float = 0.0
+    video_metadata: dict[str, Any] | None = None  # {total_num_frames, fps, frames_indices} of the source video
 
 
 @dataclass
@@ -70,8 +72,10 @@ def read_media(path: str | Path, config: VideoQAConfig, supports_video: bool = T
         raise DymuError(f"{config.model} answers about images only, and {source} is a video")
     video = read_video_frames(path, num_frames=config.num_frames if config.fps is None else None,
                               fps=config.fps, max_frames=config.max_frames)
+    metadata = {"total_num_frames": int(video.total_frames), "fps": float(video.source_fps),
+                "frames_indices": [int(i) for i in video.indices]} if video.indices else None
     return Media(source, "video", frames=video.frames, timestamps=list(video.timestamps),
-                 read_seconds=time.perf_counter() - started)
+                 read_seconds=time.perf_counter() - started, video_metadata=metadata)
 
 
 class VideoQA:
@@ -80,7 +84,7 @@ class VideoQA:
     def __init__(self, family: VLMFamily, config: VideoQAConfig):
         self.family = family
         self.config = config
-        self._visual: VisualTokenizer | None = None
+        self._visual: VisualTokenizer | QwenVisualTokenizer | None = None
 
     @classmethod
     def from_pretrained(
@@ -99,6 +103,8 @@ class VideoQA:
         visual = self.visual_tokenizer(media)
         if media.kind == "image":
             tokens = visual.encode_image(media.image)
+        elif isinstance(visual, QwenVisualTokenizer):
+            tokens = visual.encode_frames(media.frames, media.timestamps, media.video_metadata)
         else:
             tokens = visual.encode_frames(media.frames, media.timestamps)
         tokens.config_hash = self.config.encoder_fingerprint()
@@ -106,11 +112,14 @@ class VideoQA:
         tokens.meta["kind"] = media.kind
         return tokens
 
-    def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer:
+    def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer | QwenVisualTokenizer:
         """The encoder stage, built on first use (its thresholds may be calibrated on ``media``)."""
         if self._visual is not None:
             return self._visual
         config = self.config
+        if isinstance(self.family, QwenVLFamily):
+            self._visual = qwen_visual_tokenizer(self.family, config, media)
+            return self._visual
         if not config.dtome:
             self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
             return self._visual
@@ -205,6 +214,29 @@ def default_kv_cache_gb(device: Any) -> float:
         free, _ = torch.cuda.mem_get_info(device)
         return 0.4 * free / 2**30
     return 2.0
+
+
+def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig,
+                          media: Media | None = None) -> QwenVisualTokenizer:
+    """The Qwen-VL encoder stage: the stock features at ``dtome: false``, else DToMe with thresholds found as
+    for the other families (a file, the bundled or cached ones), or calibrated on ``media``'s frames (each at
+    the calibration size, as `dymu-video calibrate` does for Qwen-VL)."""
+    from dymu.vision.qwen_inputs import image_inputs
+    from dymu.vision.qwen_model import CALIBRATION_SIDE, QwenFrameEncoder
+
+    if not config.dtome:
+        return QwenVisualTokenizer(family, None, config.temporal_threshold)
+    probe = QwenFrameEncoder(family.vision_tower)
+    keep = config.tokens_to_keep(probe.num_positions)
+    thresholds = find_thresholds(config.model, probe, keep, config.thresholds)
+    if thresholds is None:
+        if media is None:
+            raise DymuError(f"no DToMe thresholds for {config.model}; pass --thresholds or calibrate first")
+        images = [media.image] if media.kind == "image" else [Image.fromarray(frame) for frame in media.frames]
+        side = (CALIBRATION_SIDE, CALIBRATION_SIDE)
+        pixels = image_inputs(family.processor, [image.convert("RGB").resize(side, Image.BICUBIC) for image in images])
+        thresholds = calibrate_and_cache(config.model, probe, keep, pixels, media.source)
+    return QwenVisualTokenizer(family, thresholds.taus, config.temporal_threshold, config.reuse_threshold)
 
 
 def build_report(config: VideoQAConfig, tokens: MergedTokens, generation, prefix_cache: str = "off") -> dict[str, Any]:

@@ -53,6 +53,8 @@ class LocalEngine:
     def __init__(self, qa: VideoQA):
         if not qa.family.supports_video:
             raise DymuError(f"{qa.config.model} ({qa.family.name}) answers about images only, not about feeds")
+        if not hasattr(qa.family, "frame_map"):  # Qwen-VL: no per-frame layout for the feed memory yet
+            raise DymuError(f"{qa.config.model} ({qa.family.name}): live feeds are not supported on this family yet")
         self.qa = qa
         self.config = qa.config
         self._encode_lock = threading.Lock()

@@ -62,21 +62,24 @@ def test_cache_shrinks_as_the_schedule_says_and_text_survives():
     assert cache.num_visual(0) == 24  # the probe layer itself is never pruned
 
 
-def test_pruner_keeps_the_most_attended_visual_entries():
+@pytest.mark.parametrize("offset", [0, -6])
+def test_pruner_keeps_the_most_attended_visual_entries(offset):
+    """offset -6: M-RoPE prompts record entry ids ending below the first decode position, some negative."""
     cache = KVCache(num_layers=3, num_kv_heads=1, head_dim=2, capacity=4, device="cpu", dtype=torch.float32)
     visual = torch.tensor([False] + [True] * 8 + [False])
     for layer in range(3):
-        cache.append(layer, torch.randn(10, 1, 2), torch.randn(10, 1, 2), torch.arange(10), visual)
+        cache.append(layer, torch.randn(10, 1, 2), torch.randn(10, 1, 2), torch.arange(10) + offset, visual)
     pruner = Pruner(PruneConfig(enabled=True, layer=0, start_step=1, interval=1, min_keep=0.0), 3, Fixed(0.5))
     weights = torch.tensor([0.3, 0.01, 0.2, 0.02, 0.15, 0.03, 0.1, 0.04, 0.05, 0.1])
     pruner.observe(1, weights, cache)
-    assert cache.positions(1).tolist() == [0, 2, 4, 6, 8, 9] == cache.positions(2).tolist()
+    kept = [p + offset for p in [0, 2, 4, 6, 8, 9]]
+    assert cache.positions(1).tolist() == kept == cache.positions(2).tolist()
     assert cache.length(0) == 10 and cache.capacity(0) >= 10
 
     # Later decisions choose among the survivors only, by the new attention.
     pruner.predictor = Fixed(0.25)
     pruner.observe(2, torch.tensor([0.1, 0.3, 0.01, 0.3, 0.02, 0.01, 0.2, 0.01, 0.03, 0.02]), cache)
-    assert cache.positions(1).tolist() == [0, 6, 8, 9]
+    assert cache.positions(1).tolist() == [p + offset for p in [0, 6, 8, 9]]
     assert pruner.trace == [(1, 8), (1, 4), (2, 2)]
     kept_keys = cache.keys(2)
     assert kept_keys.shape == (1, 4, 2)

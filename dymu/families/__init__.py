@@ -18,8 +18,10 @@ from dymu.families.base import (
 )
 from dymu.families.llava import LlavaFamily
 from dymu.families.onevision import OneVisionFamily
+from dymu.families.qwen_vl import Qwen3VLFamily, Qwen25VLFamily, QwenVLFamily
 
-FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily}
+FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily, "qwen2_5_vl": Qwen25VLFamily,
+            "qwen3_vl": Qwen3VLFamily}
 
 
 def load_family(
@@ -53,5 +55,5 @@ def checkpoint_config(model_id: str, revision: str | None = None) -> Any:
     return config
 
 
-__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "VLMFamily", "check_device",
-           "checkpoint_config", "load_family"]
+__all__ = ["FAMILIES", "LlavaFamily", "ModelNotAvailable", "OneVisionFamily", "Prompt", "Qwen25VLFamily",
+           "Qwen3VLFamily", "QwenVLFamily", "VLMFamily", "check_device", "checkpoint_config", "load_family"]

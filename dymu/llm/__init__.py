@@ -6,8 +6,9 @@ Typical use, on a Hugging Face ``*ForCausalLM`` or LLaVA model::
     result = generate(model, sequence, GenerateConfig(max_new_tokens=256, prune=PruneConfig(enabled=True)),
                       tokenizer=tokenizer, on_token=print)
 
-Modules: ``sequence`` (the input: unique rows + mapping), ``decoder`` with ``qwen2`` / ``llama`` (the HF
-modules the loop runs on), ``vtu`` (prefill), ``kv_cache`` / ``grouped_cache`` (caches), ``generate`` (the
+Modules: ``sequence`` (the input: unique rows + mapping), ``decoder`` with ``qwen2`` / ``llama`` /
+``qwen_vl`` (the HF modules the loop runs on; Qwen2.5-VL / Qwen3-VL text decoders with M-RoPE), ``mrope``
+(their stock (t, h, w) positions and prompts built from token ids), ``vtu`` (prefill), ``kv_cache`` / ``grouped_cache`` (caches), ``generate`` (the
 loop), ``prune`` (DyRate-style pruning), ``rate_model`` (a small learned rate predictor), ``config``.
 """
 from dymu.llm.config import GenerateConfig, PruneConfig

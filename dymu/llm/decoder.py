@@ -20,7 +20,8 @@ class Decoder:
     """Handles on a decoder-only LLM's modules (not copies): the loop runs on the HF weights.
 
     Each of ``layers`` has ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm`` and
-    ``mlp`` (the Llama / Qwen2 layout). ``rotary_emb(x, position_ids)`` returns (cos, sin), already scaled by
+    ``mlp`` (the Llama / Qwen2 layout; Qwen3 layers add ``self_attn.{q,k}_norm`` over each head's features,
+    applied before RoPE). ``rotary_emb(x, position_ids)`` returns (cos, sin), already scaled by
     the RoPE type's ``attention_scaling``.
     """
 
@@ -34,6 +35,7 @@ class Decoder:
     head_dim: int
     max_positions: int
     eos_token_ids: tuple[int, ...]
+    mrope: bool = False  # rotary_emb takes (3, batch, n) M-RoPE (t, h, w) positions (Qwen2.5-VL, Qwen3-VL)
 
     @property
     def device(self) -> torch.device:
@@ -71,9 +73,9 @@ def load_decoder(model: nn.Module | Decoder) -> Decoder:
     ``LlavaOnevisionForConditionalGeneration`` (``model.model.language_model``), both with ``model.lm_head``."""
     if isinstance(model, Decoder):
         return model
-    from dymu.llm import llama, qwen2
+    from dymu.llm import llama, qwen2, qwen_vl
 
-    adapters = {"qwen2": qwen2.decoder_from, "llama": llama.decoder_from}
+    adapters = {"qwen2": qwen2.decoder_from, "llama": llama.decoder_from, **qwen_vl.ADAPTERS}
     base = getattr(model, "model", None)
     language_model = getattr(base, "language_model", base)
     lm_head = getattr(model, "lm_head", None)
@@ -94,9 +96,21 @@ def _eos_token_ids(model: nn.Module) -> tuple[int, ...]:
 
 
 def rope_tables(decoder: Decoder, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (n, hd) for integer ``positions`` (n,), in the model's dtype."""
+    """cos, sin of shape (n, hd) for integer ``positions`` (n,), in the model's dtype.
+
+    M-RoPE decoders also take (3, n) (t, h, w) indices; their rotary module mixes the three axes' frequencies
+    itself (Qwen2.5-VL by sections, Qwen3-VL interleaved). A 1-D tensor then means t = h = w, as for text.
+    """
     probe = torch.empty(0, device=decoder.device, dtype=decoder.dtype)
-    cos, sin = decoder.rotary_emb(probe, positions.to(decoder.device)[None])
+    positions = positions.to(decoder.device)
+    if positions.dim() == 2:
+        if not decoder.mrope or positions.shape[0] != 3:
+            kind = "M-RoPE decoder" if decoder.mrope else "decoder with 1-D RoPE"
+            raise DymuError(f"a {kind} cannot take positions of shape {tuple(positions.shape)}")
+        positions = positions[:, None]  # (3, batch 1, n)
+    else:
+        positions = positions[None]
+    cos, sin = decoder.rotary_emb(probe, positions)
     return cos[0], sin[0]
 
 
@@ -115,6 +129,8 @@ def project_qkv(decoder: Decoder, layer: nn.Module, h: torch.Tensor) -> tuple[to
     q = attn.q_proj(x).view(n, decoder.num_heads, decoder.head_dim)
     k = attn.k_proj(x).view(n, decoder.num_kv_heads, decoder.head_dim)
     v = attn.v_proj(x).view(n, decoder.num_kv_heads, decoder.head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm of each head, row-wise like the rest
+        q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
 
 

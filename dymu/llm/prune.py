@@ -152,9 +152,10 @@ class Pruner:
         if target >= kept:
             return
         # Scores by position: the probe layer is never pruned, so it sees every entry the later layers hold.
-        by_position = torch.zeros(int(cache.positions(self.layer).max()) + 1, device=weights.device)
-        by_position[cache.positions(self.layer)] = weights.to(by_position.dtype)
-        index = entries_to_keep(cache.visual(pruned), by_position[cache.positions(pruned)], target)
+        # Positions are ascending in every layer (M-RoPE prompts record entry ids, some negative), so a
+        # binary search finds each pruned-layer entry in the probe layer.
+        found = torch.searchsorted(cache.positions(self.layer), cache.positions(pruned))
+        index = entries_to_keep(cache.visual(pruned), weights[found], target)
         for layer in range(pruned, cache.num_layers):
             cache.keep(layer, index)
         self.trace.append((step, target))

@@ -4,6 +4,10 @@ A prompt such as ``<text> <video block> <text>`` becomes a ``VirtualSequence``: 
 embeddings of the text tokens and of the unique (merged) visual tokens, ``mapping[n]`` says which row plays
 virtual position ``n`` (positions are numbered exactly as the unmerged model would number them), and
 ``visual[n]`` marks the positions that pruning may drop. Text positions always have a row of their own.
+
+Models with M-RoPE (Qwen2.5-VL, Qwen3-VL) number positions in three axes (t, h, w): ``positions`` then holds
+each position's (3, N) index as the stock model computes it; None means position n is n. Qwen3-VL's
+DeepStack adds, after each of its first decoder layers, one feature row per visual row (``deepstack``).
 """
 from __future__ import annotations
 
@@ -22,12 +26,18 @@ Segment = Union[Sequence[int], torch.Tensor, MergedTokens]
 
 @dataclass
 class VirtualSequence:
-    """rows (U, D) input embeddings; mapping (N,) int64 position -> row; visual (N,) bool."""
+    """rows (U, D) input embeddings; mapping (N,) int64 position -> row; visual (N,) bool.
+
+    positions: None (position n is n, 1-D RoPE) or (3, N) int64 M-RoPE (t, h, w) indices.
+    deepstack: None or one (U_visual, D) tensor per early decoder layer, added after that layer to the hidden
+        states of the visual rows (the rows that visual positions play, in row order).
+    """
 
     rows: torch.Tensor
     mapping: torch.Tensor
     visual: torch.Tensor
-    positions: torch.Tensor | None = None  # None: position n is n (1-D RoPE); else (3, N) int64 M-RoPE (t, h, w) indices
+    positions: torch.Tensor | None = None
+    deepstack: list[torch.Tensor] | None = None
 
     def position_ids(self) -> torch.Tensor:
         """(N,) arange when ``positions`` is None, else the (3, N) M-RoPE indices."""
@@ -37,10 +47,14 @@ class VirtualSequence:
 
     @property
     def next_position(self) -> int:
-        """The first decode position: N for 1-D RoPE; positions.max() + 1 for M-RoPE."""
+        """The RoPE position of the first generated token: N for 1-D, ``positions.max() + 1`` for M-RoPE."""
         if self.positions is None:
             return self.num_positions
         return int(self.positions.max()) + 1
+
+    def visual_rows(self) -> torch.Tensor:
+        """(U_visual,) ascending ids of the rows that visual positions play (DeepStack's row order)."""
+        return torch.unique(self.mapping[self.visual])
 
     @property
     def num_positions(self) -> int:
@@ -85,31 +99,56 @@ class VirtualSequence:
             raise DymuError(f"{unused} of {u} rows are not used by any position (mapping does not cover the rows)")
         if bool((uses[self.mapping[~self.visual]] != 1).any()):
             raise DymuError("a text position shares its row with another position; text rows must map 1:1")
+        if self.positions is not None and (
+            self.positions.shape != (3, n) or self.positions.dtype != torch.long
+        ):
+            raise DymuError(f"positions must be (3, {n}) int64 M-RoPE indices, got {self.positions.dtype} "
+                            f"{tuple(self.positions.shape)}")
+        if self.deepstack is not None:
+            expected = (int(self.visual_rows().shape[0]), int(self.rows.shape[1]))
+            for i, features in enumerate(self.deepstack):
+                if tuple(features.shape) != expected:
+                    raise DymuError(f"deepstack[{i}] has shape {tuple(features.shape)}, expected {expected} "
+                                    f"(one row per visual row)")
         return self
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "VirtualSequence":
         """Rows in ``dtype`` on ``device``, mapping and flags on ``device``."""
-        positions = None if self.positions is None else self.positions.to(device)
-        return VirtualSequence(self.rows.to(device, dtype), self.mapping.to(device), self.visual.to(device), positions)
+        return VirtualSequence(
+            self.rows.to(device, dtype), self.mapping.to(device), self.visual.to(device),
+            None if self.positions is None else self.positions.to(device),
+            None if self.deepstack is None else [d.to(device, dtype) for d in self.deepstack],
+        )
 
     def unmerged(self) -> "VirtualSequence":
         """Every position with its own copy of its row: what the stock model would be given."""
-        return VirtualSequence(
-            self.rows.index_select(0, self.mapping),
-            torch.arange(self.num_positions, device=self.mapping.device),
-            self.visual,
-        )
+        return self._reordered(self.mapping, torch.arange(self.num_positions, device=self.mapping.device),
+                               self.positions)
 
     def consecutive(self) -> "VirtualSequence":
-        """The "no VTU" baseline: each row once, in order of first appearance, at consecutive positions."""
+        """The "no VTU" baseline: each row once, in order of first appearance, at consecutive positions.
+
+        With M-RoPE each row keeps the (t, h, w) index of its first position instead (as vLLM's EVS keeps
+        the positions of the video tokens it keeps): renumbering a video 0..U-1 would throw its grid away.
+        """
         first = torch.full((self.num_rows,), self.num_positions, dtype=torch.long, device=self.mapping.device)
         first.scatter_reduce_(0, self.mapping, torch.arange(self.num_positions, device=self.mapping.device), "amin")
         order = torch.argsort(first)
-        return VirtualSequence(
-            self.rows.index_select(0, order),
-            torch.arange(self.num_rows, device=self.mapping.device),
-            self.visual[first[order]],
-        )
+        positions = None if self.positions is None else self.positions[:, first[order]]
+        return self._reordered(order, first[order], positions)
+
+    def _reordered(self, old_rows: torch.Tensor, old_positions: torch.Tensor,
+                   positions: torch.Tensor | None) -> "VirtualSequence":
+        """A sequence whose position j is old position ``old_positions[j]``, played by its own new row j,
+        a copy of old row ``old_rows[j]``; DeepStack rows follow their rows."""
+        visual = self.visual[old_positions]
+        deepstack = None
+        if self.deepstack is not None:
+            rank = torch.searchsorted(self.visual_rows(), old_rows[visual])
+            deepstack = [d.index_select(0, rank) for d in self.deepstack]
+        return VirtualSequence(self.rows.index_select(0, old_rows),
+                               torch.arange(old_rows.shape[0], device=self.mapping.device),
+                               visual, positions, deepstack)
 
 
 def build_sequence(model: nn.Module | Decoder, segments: Sequence[Segment]) -> VirtualSequence:

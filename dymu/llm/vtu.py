@@ -6,7 +6,14 @@ q, k and v are expanded to N with the mapping, rotated at each position's own Ro
 causally, and each group's N outputs are averaged back to one row before o_proj. With nothing merged this
 is exactly the stock forward pass. The KV cache receives all N expanded entries.
 
-"No VTU" feeds the U rows at consecutive positions, as if the merged sequence were the whole prompt.
+With M-RoPE (Qwen-VL) each position is rotated at its own (t, h, w) index, and Qwen3-VL's DeepStack features
+are added to the visual rows after the first layers, as the stock model adds them to the visual positions
+(a merged row gets its merged feature once, however many positions it plays). The cache then records entry
+ids instead of positions (the M-RoPE index is not one number): the prompt's entries are numbered up to
+``next_position - 1`` so that decode steps, which count up from ``next_position``, keep them ascending.
+
+"No VTU" feeds the U rows at consecutive positions, as if the merged sequence were the whole prompt (with
+M-RoPE: each row at its first position's (t, h, w), see ``VirtualSequence.consecutive``).
 """
 from __future__ import annotations
 
@@ -77,32 +84,54 @@ def prefill(decoder: Decoder, sequence: VirtualSequence, cache: KVCache | Groupe
         raise DymuError(f"unknown prefill mode {mode!r} (expected 'vtu' or 'no_vtu')")
     if any(cache.length(i) for i in range(cache.num_layers)):
         raise DymuError("prefill needs an empty KV cache")
+    if sequence.positions is not None and isinstance(cache, GroupedKVCache):
+        raise DymuError("the grouped KV cache rotates keys by 1-D position; M-RoPE (Qwen-VL) prompts need "
+                        "kv_cache 'expanded'")
 
     merged = not sequence.is_identity()
     mapping = sequence.mapping if merged else None
     counts = torch.bincount(sequence.mapping, minlength=sequence.num_rows) if merged else None
-    positions = torch.arange(sequence.num_positions, device=decoder.device)
+    positions = sequence.position_ids()
     cos, sin = rope_tables(decoder, positions)
+    entry_ids = cache_entry_ids(sequence)
+    deepstack = sequence.deepstack or []
+    if len(deepstack) > decoder.num_layers:
+        raise DymuError(f"{len(deepstack)} DeepStack features for a decoder of {decoder.num_layers} layers")
+    visual_rows = sequence.visual_rows() if deepstack else None
 
     h = sequence.rows
     for i, layer in enumerate(decoder.layers):
         q, k, v = project_qkv(decoder, layer, h)
-        cache.add(i, k, v, sequence.mapping, positions, sequence.visual, cos, sin)
+        cache.add(i, k, v, sequence.mapping, entry_ids, sequence.visual, cos, sin)
         out = vtu_attention(q, k, v, mapping, cos, sin, layer.self_attn.scaling)
         if merged:
             out = scatter_mean(out, sequence.mapping, counts)
         h = finish_layer(layer, h, out)
+        if i < len(deepstack):
+            h = h.index_add(0, visual_rows, deepstack[i])
 
     last_row = sequence.mapping[-1:]
     logits = next_token_logits(decoder, h.index_select(0, last_row))[0]
     position_logits = next_token_logits(decoder, h).index_select(0, sequence.mapping) if all_logits else None
-    return PrefillOutput(logits, sequence.num_positions, position_logits)
+    return PrefillOutput(logits, sequence.next_position, position_logits)
+
+
+def cache_entry_ids(sequence: VirtualSequence) -> torch.Tensor:
+    """(N,) the number the KV cache records for each prompt entry: its position for 1-D RoPE; for M-RoPE,
+    ascending ids ending at ``next_position - 1`` (negative for long visual blocks), unique and below the
+    decode steps' positions, which is all pruning needs to match entries across layers."""
+    ids = torch.arange(sequence.num_positions, device=sequence.mapping.device)
+    if sequence.positions is None:
+        return ids
+    return ids + (sequence.next_position - sequence.num_positions)
 
 
 def check_sequence(decoder: Decoder, sequence: VirtualSequence) -> VirtualSequence:
     """Validate a sequence against the model (contract, context length, hidden size); return it on the
     model's device and dtype."""
     sequence.validate(decoder.max_positions)
+    if sequence.positions is not None and not decoder.mrope:
+        raise DymuError("the sequence has M-RoPE (t, h, w) positions but the decoder uses 1-D RoPE")
     hidden = decoder.embed_tokens.weight.shape[1]
     if sequence.rows.shape[1] != hidden:
         raise DymuError(f"rows have {sequence.rows.shape[1]} features but the model's hidden size is {hidden}")

@@ -168,6 +168,15 @@ def load_engine(config: Any, ray_address: str | None, feeds: int, ray_connect_ti
     return RayEngine(config), connected
 
 
+def model_type(model: str, revision: str | None) -> str:
+    """The checkpoint's model_type, from its config alone (a checkpoint that is not there fails here)."""
+    from transformers import AutoConfig
+
+    from dymu.families.base import load_pretrained
+
+    return load_pretrained(AutoConfig, model, revision).model_type
+
+
 def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.config import make_config
@@ -185,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
     check_config(config, local=is_local_run(args.ray_address))
+    if model_type(config.model, config.revision) in ("qwen2_5_vl", "qwen3_vl"):
+        raise DymuError(f"{config.model}: live feeds are not supported on Qwen2.5-VL / Qwen3-VL yet (ask and "
+                        f"caption are); use a LLaVA-OneVision model for `stream`")
     options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
                           stall_timeout_s=args.stall_timeout, realtime=args.realtime)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or None

@@ -1,0 +1,151 @@
+"""Qwen2.5-VL and Qwen3-VL end to end: `--preset off` answers token for token as transformers' own pipeline
+(processor, chat template, generate) for an image and a video; DToMe-merged tokens (DeepStack included) flow
+through VideoQA and the `ask` / `caption` commands; bad input is one clear line and exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dymu.videoqa import VideoQA
+from media import changing_video, static_video, textured_image
+from pipeline.cli import main
+
+FAMILIES = ["tiny_qwen25", "tiny_qwen3"]
+QUESTION = "What is happening here?"
+
+
+@pytest.fixture(autouse=True)
+def _shared_runtime(ray_local, redis_server, monkeypatch):
+    """`ask` runs through the Ray pipeline: share the session's Ray and Redis instead of starting new ones."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen-media")
+    return {
+        "video": changing_video(root / "changing.mp4", num_frames=8, size=64),
+        "static": static_video(root / "static.mp4", num_frames=8, size=64),
+        "image": textured_image(root / "photo.png", size=96),
+    }
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def qa_off(checkpoint):
+    return VideoQA.from_pretrained(str(checkpoint), preset="off", num_frames=4, max_new_tokens=12, device="cpu")
+
+
+def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> tuple[list[int], dict]:
+    """What transformers' own pipeline answers: the processor's chat template and inputs, then generate.
+    Video frames are the ones dymu sampled, given with their metadata (the processor then samples none)."""
+    from transformers.video_utils import VideoMetadata
+
+    processor, model = qa.family.processor, qa.family.model
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    media = qa.read(path)
+    if kind == "image":
+        inputs = processor(text=[text], images=[media.image.convert("RGB")], return_tensors="pt")
+    else:
+        inputs = processor(text=[text], videos=[media.frames], video_metadata=[VideoMetadata(**media.video_metadata)],
+                           do_sample_frames=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind):
+    answer = qa_off.ask(media[kind], QUESTION)
+    expected, inputs = transformers_answer(qa_off, media[kind], kind, 12)
+    assert answer.tokens == expected
+    # The prompt and its M-RoPE positions are the stock model's (greedy tokens alone may not notice a shift).
+    sequence = qa_off.family.question_sequence(qa_off.encode(qa_off.read(media[kind])), QUESTION, kind)
+    ids = inputs["input_ids"]
+    assert sequence.num_positions == ids.shape[1]
+    positions, _ = qa_off.family.model.model.get_rope_index(ids, **{k: v for k, v in inputs.items() if k in (
+        "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")})
+    assert torch.equal(sequence.positions, positions[:, 0])
+    llm = answer.report["llm"]
+    assert llm["rows_fed"] == llm["virtual_length"]  # nothing merged
+    if kind == "video":
+        assert answer.report["frames"] == 2  # 4 frames, two per temporal slot
+
+
+@pytest.fixture(scope="module")
+def qa_merged(checkpoint, media):
+    """Preset mid; thresholds calibrated on the changing clip's own frames (no file: the job calibrates)."""
+    qa = VideoQA.from_pretrained(str(checkpoint), preset="mid", num_frames=8, max_new_tokens=6, device="cpu",
+                                 temporal_threshold=0.8)
+    qa.visual_tokenizer(qa.read(media["video"]))
+    return qa
+
+
+def test_merged_tokens_flow_through_vtu(qa_merged, qa_off, media):
+    merged = qa_merged.encode(qa_merged.read(media["static"]))
+    full = qa_off.encode(qa_off.read(media["static"]))
+    assert merged.num_unique < 0.5 * merged.num_positions
+    assert len(merged.deepstack) == len(full.deepstack)  # Qwen3-VL: DeepStack rows follow the merged rows
+    assert all(d.shape[0] == merged.num_unique for d in merged.deepstack)
+    stages = merged.meta["stages"]
+    assert sum(stages["temporal_rows_per_frame"]) < sum(stages["layout_rows_per_frame"])  # a static scene
+    assert stages["encoded_frames"] == 1 < merged.num_frames  # later slots reuse the first one's encoding
+    changing = qa_merged.encode(qa_merged.read(media["video"]))
+    assert changing.meta["stages"]["encoded_frames"] == changing.num_frames
+    answer = qa_merged.answer(merged, QUESTION)
+    llm = answer.report["llm"]
+    assert llm["rows_fed"] < llm["virtual_length"]
+    # Every original position is there: the prompt is as long as the unmerged one (8 frames = 4 slots).
+    assert merged.num_positions == 2 * full.num_positions
+    assert answer.tokens
+
+
+def test_no_vtu_baseline_and_pruning_run(qa_merged, media):
+    tokens = qa_merged.encode(qa_merged.read(media["static"]))
+    config = qa_merged.config
+    for overrides in ({"vtu": False}, {"prune": {"enabled": True, "layer": 0, "start_step": 1, "interval": 1}}):
+        qa = VideoQA(qa_merged.family, type(config)(**{**config.to_dict(), **overrides}))
+        answer = qa.answer(tokens, QUESTION)
+        assert len(answer.tokens) >= 1
+
+
+def test_ask_and_caption_commands(tiny_qwen25, tiny_qwen3, media, tmp_path, capsys):
+    """Through the Ray pipeline (Redis cache included): `ask` on a Qwen3-VL video, `caption` on a Qwen2.5-VL
+    video and image. One family each: every run starts the pipeline's actors, which costs tens of seconds."""
+    rc = main(["ask", str(media["video"]), QUESTION, "--model", str(tiny_qwen3), "--preset", "off", "--frames", "4",
+               "--max-new-tokens", "4", "--json", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "video" and report["llm"]["answer_tokens"] >= 1
+
+    out = tmp_path / "captions.jsonl"
+    rc = main(["caption", str(media["video"]), str(media["image"]), "--model", str(tiny_qwen25), "--preset", "off",
+               "--frames", "4", "--max-new-tokens", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["kind"] for line in lines) == ["image", "video"]
+    assert all("caption" in line for line in lines)
+
+
+@pytest.mark.parametrize("path, args, message", [
+    ("missing.mp4", [], "no such file"),
+    ("video", ["--frames", "0"], "num_frames"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, tmp_path, capsys, path, args, message):
+    path = media.get(path, tmp_path / path)
+    rc = main(["ask", str(path), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_stream_refuses_qwen_models_clearly(tiny_qwen3, media, capsys):
+    rc = main(["stream", str(media["video"]), "--prompt", "What changed?", "--model", str(tiny_qwen3)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not supported" in err, err
