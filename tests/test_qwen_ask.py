@@ -149,3 +149,37 @@ def test_stream_refuses_qwen_models_clearly(tiny_qwen3, media, capsys):
     rc = main(["stream", str(media["video"]), "--prompt", "What changed?", "--model", str(tiny_qwen3)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "not supported" in err, err
+
+
+def test_the_engine_answers_qwen_as_the_single_loop_does(qa_merged, media):
+    """M-RoPE positions and DeepStack through the batched engine: a batch of merged prompts, one of them
+    pruning, and a second question on a video answered from the visual-prefix cache, all equal to `generate`."""
+    import dataclasses
+
+    from dymu.llm import PruneConfig, generate
+
+    static = qa_merged.encode(qa_merged.read(media["static"]))
+    changing = qa_merged.encode(qa_merged.read(media["video"]))
+    prune = PruneConfig(enabled=True, layer=0, start_step=1, interval=1)
+    cases = [(static, QUESTION, None), (changing, QUESTION, prune), (static, "And the colours?", None)]
+    requests = []
+    for tokens, question, pruning in cases:
+        sequence, config, key, prefix = qa_merged.answer_request(tokens, question)
+        config = dataclasses.replace(config, keep_logits=True, prune=pruning or config.prune)
+        requests.append((sequence, config, key, prefix))
+    assert requests[0][2] == requests[2][2]  # same video, same text before it: the same visual prefix
+
+    engine = qa_merged.make_engine()
+    first = engine.add_request(*requests[0])
+    second = engine.add_request(*requests[1])
+    results = engine.run()
+    third = engine.add_request(*requests[2])  # after the first has finished: its prefix is cached
+    results.update(engine.run())
+    assert engine.stats()["prefix_hits"] == 1
+    for request_id, (sequence, config, _, _) in zip((first, second, third), requests):
+        alone = generate(qa_merged.family.model, sequence, config, tokenizer=qa_merged.family.tokenizer)
+        batched = results[request_id]
+        assert batched.tokens == alone.tokens
+        assert batched.kept_trace == alone.kept_trace
+        for a, b in zip(batched.logits, alone.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

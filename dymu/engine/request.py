@@ -47,7 +47,7 @@ def extended(sequence: VirtualSequence, decoder: Decoder, tokens: list[int]) -> 
     if sequence.positions is not None:
         text = sequence.next_position + torch.arange(k, device=decoder.device)
         positions = torch.cat([sequence.positions, text.expand(sequence.positions.shape[0], k)], dim=1)
-    return VirtualSequence(torch.cat([sequence.rows, rows]), mapping, visual, positions)
+    return VirtualSequence(torch.cat([sequence.rows, rows]), mapping, visual, positions, sequence.deepstack)
 
 
 @dataclass

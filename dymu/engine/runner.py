@@ -52,7 +52,10 @@ def make_chunk(decoder: Decoder, request: Request, start: int, end: int) -> Chun
     prompt = request.prompt
     mapping = prompt.mapping[start:end]
     rows, local = torch.unique(mapping, sorted=True, return_inverse=True)
-    counts = torch.bincount(local, minlength=rows.shape[0]) if rows.shape[0] != mapping.shape[0] else None
+    # Rows may be laid out in another order than their positions (a permutation, nothing shared): only when
+    # position i plays row i can the rows go through attention as they are.
+    in_order = rows.shape[0] == mapping.shape[0] and bool((local == torch.arange(local.shape[0], device=local.device)).all())
+    counts = None if in_order else torch.bincount(local, minlength=rows.shape[0])
     cos, sin = rope_tables(decoder, prompt.position_ids()[..., start:end])
     return Chunk(request, start, end, rows, local, counts, cos, sin)
 
@@ -83,17 +86,39 @@ def prefill_chunks(decoder: Decoder, pool: BlockManager,
     chunks = [make_chunk(decoder, *span) for span in spans]
     sizes = [chunk.rows.shape[0] for chunk in chunks]
     h = torch.cat([chunk.request.prompt.rows.index_select(0, chunk.rows) for chunk in chunks])
+    deepstack = deepstack_additions(chunks, sizes)
     for i, layer in enumerate(decoder.layers):
         q, k, v = project_qkv(decoder, layer, h)
         parts = zip(chunks, q.split(sizes), k.split(sizes), v.split(sizes))
         out = torch.cat([chunk_layer_attention(pool, i, c, cq, ck, cv, layer.self_attn.scaling)
                          for c, cq, ck, cv in parts])
         h = finish_layer(layer, h, out)
+        for targets, features in deepstack:
+            if i < len(features):
+                h = h.index_add(0, targets, features[i])
     logits = []
     for chunk, rows in zip(chunks, h.split(sizes)):
         done = chunk.end == chunk.request.prompt.num_positions
         logits.append(next_token_logits(decoder, rows.index_select(0, chunk.local[-1:]))[0] if done else None)
     return logits
+
+
+def deepstack_additions(chunks: list[Chunk], sizes: list[int]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Qwen3-VL's DeepStack for a batch of chunks: per chunk with features, the rows of ``h`` that are visual
+    rows and, per early layer, the features to add to them after that layer (as VTU's prefill does; a row
+    never spans two chunks, so each gets its feature exactly once)."""
+    additions, offset = [], 0
+    for chunk, size in zip(chunks, sizes):
+        prompt = chunk.request.prompt
+        if prompt.deepstack:
+            visual_rows = prompt.visual_rows()
+            index = torch.searchsorted(visual_rows, chunk.rows).clamp(max=visual_rows.shape[0] - 1)
+            hit = visual_rows.index_select(0, index) == chunk.rows
+            if bool(hit.any()):
+                targets = offset + hit.nonzero().squeeze(1)
+                additions.append((targets, [f.index_select(0, index[hit]) for f in prompt.deepstack]))
+        offset += size
+    return additions
 
 
 def batched_decode_attention(q: torch.Tensor, pool: BlockManager, slots: list[torch.Tensor], scale: float) -> torch.Tensor:

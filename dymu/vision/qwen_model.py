@@ -34,6 +34,8 @@ class QwenFrameEncoder:
     """``QwenDToMeEncoder`` behind the interface of ``DToMeEncoder``: one result per input image."""
 
     feature_layer = -1
+    # Qwen's merges stay inside attention windows and 2x2 merger groups, in positional order only.
+    merge_order = "positional"
 
     def __init__(self, visual: nn.Module, taus: Sequence[float] | None = None, grouping: str = "group",
                  rotary: str = "mean"):
