@@ -225,7 +225,7 @@ def qwen_visual_tokenizer(family: QwenVLFamily, config: VideoQAConfig,
     from dymu.vision.qwen_model import CALIBRATION_SIDE, QwenFrameEncoder
 
     if config.dtome and config.merge_order != QwenFrameEncoder.merge_order:
-        raise DymuError(f"merge_order {config.merge_order!r} is not available on Qwen-VL encoders (their merges stay "
+        raise DymuError(f"merge order {config.merge_order!r} is not available on Qwen-VL encoders (their merges stay "
                         f"inside windows and 2x2 merger groups, in positional order)")
     if not config.dtome:
         return QwenVisualTokenizer(family, None, config.temporal_threshold)

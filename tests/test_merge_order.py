@@ -74,7 +74,7 @@ def test_merge_order_is_a_config_option_that_names_the_tokens(tmp_path):
     assert positional.encoder_fingerprint() != authors.encoder_fingerprint()  # another cache key
     (tmp_path / "c.yaml").write_text("merge_order: authors\n")
     assert make_config(config_file=tmp_path / "c.yaml").merge_order == "authors"
-    with pytest.raises(DymuError, match="merge order"):
+    with pytest.raises(DymuError, match="merge_order"):
         make_config(merge_order="random")
     args = build_parser().parse_args(["ask", "clip.mp4", "What?", "--merge-order", "authors"])
     assert make_config(args.preset, None, **config_overrides(args)).merge_order == "authors"

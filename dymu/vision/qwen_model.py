@@ -84,7 +84,10 @@ class QwenVisionModel:
     grouping: str = "group"
     rotary: str = "mean"
 
-    def encoder(self, taus: Sequence[float] | None = None) -> QwenFrameEncoder:
+    def encoder(self, taus: Sequence[float] | None = None, merge_order: str = "positional") -> QwenFrameEncoder:
+        if merge_order != QwenFrameEncoder.merge_order:
+            raise DymuError(f"merge order {merge_order!r} is not available on Qwen-VL encoders (their merges stay "
+                            f"inside windows and 2x2 merger groups, in positional order)")
         return QwenFrameEncoder(self.visual, taus=taus, grouping=self.grouping, rotary=self.rotary)
 
     def pixels(self, frames: Sequence[np.ndarray | Image.Image]) -> QwenVisualInput:
