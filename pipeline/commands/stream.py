@@ -172,10 +172,8 @@ def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.config import make_config
     from pipeline.ingest import FeedOptions
-    from pipeline.stream import LiveStreams, connect_feeds
     from pipeline.validate import check_args, check_config, check_text, check_writable, is_local_run
     from workers.redis_server import connect_redis
-    from workers.token_cache import TokenCache
 
     # SIGTERM stops like Ctrl-C: the same `finally` closes the readers and joins their processes.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -185,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
     check_config(config, local=is_local_run(args.ray_address))
+    from pipeline.stream import LiveStreams, connect_feeds  # these import torch: after the checks that need none
+    from workers.token_cache import TokenCache
+
     options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
                           stall_timeout_s=args.stall_timeout, realtime=args.realtime)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or None
