@@ -16,21 +16,12 @@ import torch
 
 from dymu.errors import DymuError
 from dymu.merge import Edges, batch_top_merges
+from dymu.presets import PRESET_SHARES, preset_keep  # noqa: F401  (importable from here too)
 from dymu.vision.encoder import DToMeEncoder
 
 log = logging.getLogger(__name__)
 
 NO_MERGE = 1.0  # the threshold of a layer that never merges: no cosine is above 1
-
-# DyMU-low/mid/high keep ~89/195/394 of LLaVA-1.5's 576 tokens on average; other grids keep the same share.
-PRESET_SHARES = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
-
-
-def preset_keep(preset: str, num_positions: int) -> int:
-    """Average tokens to keep for a preset on an encoder with ``num_positions`` tokens per image."""
-    if preset not in PRESET_SHARES:
-        raise DymuError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_SHARES)}")
-    return round(PRESET_SHARES[preset] * num_positions)
 
 
 def merges_per_layer(num_positions: int, keep: float, num_layers: int) -> float:

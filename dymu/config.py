@@ -19,10 +19,9 @@ from typing import Any
 
 import yaml
 
-from dymu.calibrate import preset_keep
 from dymu.errors import DymuError
 from dymu.llm.config import GenerateConfig, PruneConfig
-from dymu.merge import MERGE_ORDERS
+from dymu.presets import MERGE_ORDERS, preset_keep
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PRESETS = ("off", "low", "mid", "high")

@@ -7,6 +7,7 @@ Every problem with the input raises a ``MediaError`` subclass whose one-line mes
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -23,16 +24,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dymu.errors import DymuError
 
-try:
-    import decord
-except ImportError:  # no wheel for some platforms; PyAV does everything then
-    decord = None
 
-if decord is not None and not os.environ.get("DYMU_VERBOSE"):
-    # decord's FFmpeg prints "[h264 @ 0x...] error while decoding MB ..." for every damaged frame, from any
-    # process (a Ray actor's lines reach the driver's terminal); our own error says it in one line. PyAV's
-    # FFmpeg logging is off by default. `dymu-video -v` sets DYMU_VERBOSE and brings them back.
-    decord.logging.set_level(decord.logging.QUIET)
+@functools.cache
+def _decord():
+    """decord, imported when the first video is read (checking a file's kind needs none of it), or None: it has
+    no wheel for some platforms, and PyAV does everything then."""
+    try:
+        import decord
+    except ImportError:
+        return None
+    if not os.environ.get("DYMU_VERBOSE"):
+        # decord's FFmpeg prints "[h264 @ 0x...] error while decoding MB ..." for every damaged frame, from any
+        # process (a Ray actor's lines reach the driver's terminal); our own error says it in one line. PyAV's
+        # FFmpeg logging is off by default. `dymu-video -v` sets DYMU_VERBOSE and brings them back.
+        decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +349,7 @@ def read_video_frames(
         raise UnsupportedMedia(f"{path}: is an image, not a video")
     info = _probe(path)
     video = None
-    if backend == "auto" and decord is not None:
+    if backend == "auto" and _decord() is not None:
         video = _read_with_decord(path, info, num_frames, fps, max_frames)
     if video is None:
         video = _read_with_av(path, info, num_frames, fps, max_frames)
@@ -355,6 +362,7 @@ def _read_with_decord(
     path: Path, info: _StreamInfo, num_frames: int | None, fps: float | None, max_frames: int | None
 ) -> VideoFrames | None:
     """Read with decord, or return None (after logging why) when PyAV should do it instead."""
+    decord = _decord()
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         total = len(reader)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dymu.presets import MERGE_ORDERS
+
 
 @dataclass
 class TokenState:
@@ -89,9 +91,6 @@ class Edges:
     scores: Tensor
     targets: Tensor
     authors_rank: Tensor | None = None
-
-
-MERGE_ORDERS = ("positional", "authors")
 
 
 def initial_state(x: Tensor) -> TokenState:

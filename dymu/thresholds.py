@@ -12,10 +12,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dymu.errors import DymuError
-from dymu.vision.encoder import _ADAPTERS, DToMeEncoder, layers_to_run  # tower model_type -> (family, parts)
+
+if TYPE_CHECKING:
+    from dymu.vision.encoder import DToMeEncoder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class EncoderFingerprint:
     def from_model_config(cls, config: Any) -> "EncoderFingerprint | None":
         """The fingerprint read off a checkpoint's config alone (no weights), or None when the config does not
         tell it (a vision tower DToMe has no adapter for, a list of feature layers)."""
+        from dymu.vision.encoder import _ADAPTERS  # tower model_type -> (family, parts)
+
         vision = getattr(config, "vision_config", None)
         family = _ADAPTERS.get(getattr(vision, "model_type", None), (None,))[0]
         feature_layer = getattr(config, "vision_feature_layer", None)
@@ -163,6 +167,8 @@ class Thresholds:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ThresholdsError(f"malformed thresholds file ({exc.__class__.__name__}: {exc})") from exc
+        from dymu.vision.encoder import layers_to_run
+
         expected = layers_to_run(encoder.feature_layer, encoder.num_layers)
         if len(thresholds.taus) != expected:
             raise ThresholdsError(f"{len(thresholds.taus)} thresholds for an encoder that runs {expected} layers")

@@ -48,14 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries(verbose: int) -> None:
     """transformers' own progress bars and notices, FFmpeg's and Ray's would drown our output; -v brings them
-    back (Ray's: pipeline.runtime, FFmpeg's: dymu.frames)."""
+    back (Ray's: pipeline.runtime, FFmpeg's: dymu.frames).
+
+    transformers and huggingface_hub read these variables when they are imported, which is later (in ``run``,
+    after the checks of bad input, or in a worker process that inherits them), so that a bad option fails
+    without their ~0.6 s import. One that is already imported (main() called from Python) is told directly."""
     if verbose:
         os.environ["DYMU_VERBOSE"] = str(verbose)  # for the libraries' native logging, here and in workers
         return
-    from transformers.utils import logging as hf_logging
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

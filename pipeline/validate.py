@@ -101,10 +101,13 @@ def check_model(model: str, revision: str | None = None, device: str | None = No
     """The checkpoint's config, after checking what can be told without its weights: that it is a family dymu
     supports, that ``device`` exists here (None: not checked, e.g. the model runs on a cluster), that a ``keep``
     fits in a frame and that a ``thresholds`` file is sound and made for this encoder."""
-    from dymu.families import check_device, checkpoint_config
     from dymu.thresholds import EncoderFingerprint, Thresholds
 
-    if device is not None and device != "auto":
+    if thresholds is not None:  # a file that is unsound on its own fails before torch and transformers load
+        Thresholds.load(thresholds)
+    from dymu.families import check_device, checkpoint_config
+
+    if device is not None and device not in ("auto", "cpu"):  # every machine has a CPU; the rest asks torch
         check_device(device)
     config = checkpoint_config(model, revision)
     fingerprint = EncoderFingerprint.from_model_config(config)

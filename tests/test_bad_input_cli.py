@@ -144,3 +144,31 @@ def test_bad_input_is_one_line_exit_2_before_start_up(case, files, time_limit):
     assert lines[0].startswith(f"dymu-video {argv[0]}: error: ") and message in lines[0]
     assert seconds < time_limit
     assert not (files / "c.jsonl").exists()  # caption refused before it opened --out
+
+
+# The cases found from the command line, the config and the files named alone: neither torch (~1.7 s) nor
+# transformers (~0.6 s) is imported before the one line. The others need the checkpoint's config (transformers,
+# and dymu.families imports torch) or ask torch about the device.
+NEEDS_NO_TORCH = [
+    "device-banana", "dtype-banana", "model-worker-cpus-negative", "decoders-0", "thresholds-achieved-null",
+    "thresholds-nan-tau", "thresholds-tau-5", "thresholds-missing", "thresholds-corrupt", "config-prune-5",
+    "config-max-new-tokens-lots", "huge-png", "calibrate-out-unwritable", "stream-out-unwritable",
+    "temporal-threshold-minus-5", "empty-question", "caption-empty-prompt", "max-frames-0", "max-new-tokens-0",
+    "top-p-2", "ask-url", "caption-url",
+]
+_MAIN_THEN_MODULES = (
+    "import json, sys\n"
+    "from pipeline.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(json.dumps({'code': code, 'imported': [m for m in ('torch', 'transformers') if m in sys.modules]}))\n"
+)
+
+
+@pytest.mark.parametrize("case", NEEDS_NO_TORCH)
+def test_bad_input_fails_before_torch_or_transformers_is_imported(case, files):
+    argv, message = CASES[case]
+    done = subprocess.run([sys.executable, "-c", _MAIN_THEN_MODULES, *argv], cwd=files,
+                          env=_env(files / "cache"), capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 2 and message in done.stderr, done.stderr
+    assert result["imported"] == [], f"{case} imported {result['imported']} before its error: {done.stderr}"

@@ -47,3 +47,15 @@ def test_a_local_ray_prints_no_token_notice(tmp_path):
                  "assert connect_ray(None)\nray.shutdown()\n", env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Token authentication" not in run.stderr, run.stderr[-2000:]
+
+
+def test_transformers_progress_bars_stay_off_the_terminal(tiny_ov):
+    # The CLI quiets transformers before importing it (through the variables it reads on import), so that a bad
+    # option fails without that import; a checkpoint load must still print no "Loading weights" bar.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    load = ("from transformers import AutoModelForImageTextToText\n"
+            f"AutoModelForImageTextToText.from_pretrained({str(tiny_ov)!r})\n")
+    quiet = python("from pipeline.cli import _quiet_libraries\n_quiet_libraries(0)\n" + load, env)
+    assert quiet.returncode == 0 and "Loading weights" not in quiet.stderr, quiet.stderr[-2000:]
+    loud = python("from pipeline.cli import _quiet_libraries\n_quiet_libraries(1)\n" + load, env)
+    assert "Loading weights" in loud.stderr  # -v: the bar is back (so the test above can fail)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dymu.errors import DymuError
 from dymu.families.base import (
@@ -19,6 +17,9 @@ from dymu.families.base import (
 from dymu.families.llava import LlavaFamily
 from dymu.families.onevision import OneVisionFamily
 from dymu.families.qwen_vl import Qwen3VLFamily, Qwen25VLFamily, QwenVLFamily
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily, "qwen2_5_vl": Qwen25VLFamily,
             "qwen3_vl": Qwen3VLFamily}

@@ -11,40 +11,64 @@ Modules: ``sequence`` (the input: unique rows + mapping), ``decoder`` with ``qwe
 (their stock (t, h, w) positions and prompts built from token ids), ``vtu`` (prefill), ``kv_cache`` / ``grouped_cache`` (caches), ``generate`` (the
 loop), ``prune`` (DyRate-style pruning), ``rate_model`` (a small learned rate predictor), ``config``.
 """
-from dymu.llm.config import GenerateConfig, PruneConfig
-from dymu.llm.decoder import Decoder, load_decoder
-from dymu.llm.generate import Generation, GenerationResult, decode_step, generate, new_cache
-from dymu.llm.grouped_cache import GroupedKVCache
-from dymu.llm.kv_cache import KVCache
-from dymu.llm.prune import AttentionFallRule, AttentionStats, LinearSchedule, Probe, Pruner, RatePredictor
-from dymu.llm.rate_model import AttentionTrace, LearnedRate, keep_targets, record_trace
-from dymu.llm.sequence import VirtualSequence, build_sequence
-from dymu.llm.vtu import PrefillOutput, prefill
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
 
-__all__ = [
-    "AttentionFallRule",
-    "AttentionStats",
-    "AttentionTrace",
-    "Decoder",
-    "GenerateConfig",
-    "Generation",
-    "GenerationResult",
-    "GroupedKVCache",
-    "KVCache",
-    "LearnedRate",
-    "LinearSchedule",
-    "PrefillOutput",
-    "Probe",
-    "PruneConfig",
-    "Pruner",
-    "RatePredictor",
-    "VirtualSequence",
-    "build_sequence",
-    "decode_step",
-    "generate",
-    "keep_targets",
-    "load_decoder",
-    "new_cache",
-    "prefill",
-    "record_trace",
-]
+# Each public name and the submodule it lives in. Imported on first use, so that `from dymu.llm.config import ...`
+# (the typed config, read by every CLI command before anything starts) does not pull in torch.
+_SUBMODULE = {
+    "GenerateConfig": "config",
+    "PruneConfig": "config",
+    "Decoder": "decoder",
+    "load_decoder": "decoder",
+    "Generation": "generate",
+    "GenerationResult": "generate",
+    "decode_step": "generate",
+    "generate": "generate",
+    "new_cache": "generate",
+    "GroupedKVCache": "grouped_cache",
+    "KVCache": "kv_cache",
+    "AttentionFallRule": "prune",
+    "AttentionStats": "prune",
+    "LinearSchedule": "prune",
+    "Probe": "prune",
+    "Pruner": "prune",
+    "RatePredictor": "prune",
+    "AttentionTrace": "rate_model",
+    "LearnedRate": "rate_model",
+    "keep_targets": "rate_model",
+    "record_trace": "rate_model",
+    "VirtualSequence": "sequence",
+    "build_sequence": "sequence",
+    "PrefillOutput": "vtu",
+    "prefill": "vtu",
+}
+
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module 'dymu.llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dymu.llm.{_SUBMODULE[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(ModuleType):
+    """Importing the submodule ``dymu.llm.generate`` makes Python set the package's attribute ``generate`` to
+    that module; the public name is the function, as it was when everything was imported eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and name in _SUBMODULE:
+            return  # the submodule stays reachable through sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -99,7 +99,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dymu.config import make_config
     from dymu.errors import DymuError
-    from dymu.families import FAMILIES
     from dymu.frames import media_kind
     from pipeline.validate import check_args, check_config, check_text, is_local_run, reject_url
 
@@ -112,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     kind = media_kind(args.path)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
     checkpoint = check_config(config, local=is_local_run(args.ray_address))
+    from dymu.families import FAMILIES  # imports torch: after the checks that need none
+
     if kind == "video" and not FAMILIES[checkpoint.model_type].supports_video:
         raise DymuError(f"{config.model} answers about images only, and {args.path} is a video")
 

@@ -36,19 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    import numpy as np
-    from tqdm import tqdm
-
-    from dymu.calibrate import calibrate, preset_keep, token_counts
     from dymu.config import check_option
     from dymu.errors import DymuError
-    from dymu.thresholds import EncoderFingerprint, Thresholds
-    from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
     from pipeline.validate import check_args, check_model, check_writable
 
-    # Everything that can be wrong is found before the model loads and the calibration runs.
+    # Everything that can be wrong is found before the model loads and the calibration runs; what the options
+    # alone tell, before torch is imported.
     check_args(args)
     for name in ("device", "dtype"):
         check_option(name, getattr(args, name), flag=f"--{name}")
@@ -56,6 +49,16 @@ def run(args: argparse.Namespace) -> int:
         raise DymuError(f"--keep must be > 0, got {args.keep:g}")
     check_writable(args.out)
     check_model(args.model, device=args.device, keep=args.keep)
+
+    import logging
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from dymu.calibrate import calibrate, preset_keep, token_counts
+    from dymu.thresholds import EncoderFingerprint, Thresholds
+    from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
+
     files = media_files(args.data)
     if not files:
         raise DymuError("the calibration set is empty: no image or video in " + " ".join(args.data))

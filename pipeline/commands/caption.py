@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     from dymu.config import make_config
     from dymu.errors import DymuError
     from pipeline.inputs import expand_inputs
-    from pipeline.jobs import Job
     from pipeline.jsonl import JsonlFile
     from pipeline.validate import check_args, check_config, check_text, is_local_run
 
@@ -98,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs, command="caption")
     config = make_config(args.preset, args.config_file, **config_overrides(args))
     check_config(config, local=is_local_run(args.ray_address))  # a checkpoint that is not there fails before the batch
+    from pipeline.jobs import Job  # imports torch: after the checks that need none
+
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     with JsonlFile.open(args.out, mode) as out:
         if args.retry_failed:

@@ -181,10 +181,8 @@ def run(args: argparse.Namespace) -> int:
     from dymu.errors import DymuError
     from dymu.config import make_config
     from pipeline.ingest import FeedOptions
-    from pipeline.stream import LiveStreams, connect_feeds
     from pipeline.validate import check_args, check_config, check_text, check_writable, is_local_run
     from workers.redis_server import connect_redis
-    from workers.token_cache import TokenCache
 
     # SIGTERM stops like Ctrl-C: the same `finally` closes the readers and joins their processes.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -197,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     if model_type(config.model, config.revision) in ("qwen2_5_vl", "qwen3_vl"):
         raise DymuError(f"{config.model}: live feeds are not supported on Qwen2.5-VL / Qwen3-VL yet (ask and "
                         f"caption are); use a LLaVA-OneVision model for `stream`")
+    from pipeline.stream import LiveStreams, connect_feeds  # these import torch: after the checks that need none
+    from workers.token_cache import TokenCache
+
     options = FeedOptions(sample_fps=args.sample_fps, connect_timeout_s=args.connect_timeout,
                           stall_timeout_s=args.stall_timeout, realtime=args.realtime)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or None

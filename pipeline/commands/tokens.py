@@ -29,11 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from dymu.errors import DymuError
-    from dymu.thresholds import EncoderFingerprint, Thresholds
-    from dymu.thresholds_store import merge_order_of
-    from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
     from dymu.config import check_option
+    from dymu.errors import DymuError
     from pipeline.validate import check_args, check_model
 
     check_args(args)
@@ -41,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
         check_option(name, getattr(args, name), flag=f"--{name}")
     # A broken checkpoint or thresholds file, or one made for another encoder, fails before the model loads.
     check_model(args.model, device=args.device, thresholds=args.thresholds)
+
+    from dymu.thresholds import EncoderFingerprint, Thresholds
+    from dymu.thresholds_store import merge_order_of
+    from dymu.vision.load import batched, iter_samples, load_vision_model, media_files
+
     files = media_files(args.paths)
     if not files:
         raise DymuError("no image or video in " + " ".join(args.paths))
