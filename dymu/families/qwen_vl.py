@@ -11,17 +11,19 @@ slot). So the visual block of the LLM is the merger output itself, and a ``Merge
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dymu.errors import DymuError
 from dymu.families.base import load_pretrained
-from dymu.llm.mrope import sequence_from_ids, stock_positions
-from dymu.llm.sequence import VirtualSequence
-from dymu.tokens import MergedTokens
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the CLI's checks stay light
+    import torch
+
+    from dymu.llm.sequence import VirtualSequence
+    from dymu.tokens import MergedTokens
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class QwenVLFamily:
     def prompt_ids(self, question: str, kind: str, tokens: MergedTokens) -> torch.Tensor:
         """The chat prompt's ids with the visual placeholder expanded as the processor expands it for
         ``tokens``' grid (one id per merger output; Qwen3-VL video: a timestamp and a block per slot)."""
+        import torch
+
         placeholder = self.processor.video_token if kind == "video" else self.processor.image_token
         messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -117,6 +121,10 @@ class QwenVLFamily:
 
     def question_sequence(self, tokens: MergedTokens, question: str, kind: str) -> VirtualSequence:
         """The LLM input: prompt ids, the merged rows at the placeholders, every position's stock (t, h, w)."""
+        import torch
+
+        from dymu.llm.mrope import sequence_from_ids, stock_positions
+
         ids = self.prompt_ids(question, kind, tokens)
         grid = torch.tensor([tokens.meta["grid_thw"]])
         if kind == "video":
