@@ -133,9 +133,14 @@ def test_a_cluster_that_wants_a_token_asked_without_one_is_one_line(token_head, 
 
 def test_ask_through_a_ray_client_address(token_head, tiny_ov, clip):
     _, client_address, env = token_head
-    # Ray Client starts a server process per client on the head: slow on a loaded machine.
-    run = dymu_video(ask_args(clip, tiny_ov, "--ray-address", client_address, "--ray-connect-timeout", "150"), env,
-                     timeout_s=400)
+    # Ray Client starts a server process per client on the head: slow on a loaded machine, where that server
+    # now and then fails to start ("Initialization failure from server", "client has already been disconnected":
+    # Ray's own, seen 2 times in ~6 whole-suite runs under load). One more connection then, as a user would.
+    for _ in range(2):
+        run = dymu_video(ask_args(clip, tiny_ov, "--ray-address", client_address, "--ray-connect-timeout", "150"),
+                         env, timeout_s=400)
+        if run.returncode == 0 or "cannot connect to the Ray cluster" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     answer, report = run.stdout.split("\n", 1)
     assert answer.strip() and "visual tokens:" in report  # the answer (in one piece), then the report
