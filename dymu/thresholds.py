@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dymu.checkpoint import TOWER_FAMILIES, layers_to_run
 from dymu.errors import DymuError
 
 if TYPE_CHECKING:
@@ -66,10 +67,8 @@ class EncoderFingerprint:
     def from_model_config(cls, config: Any) -> "EncoderFingerprint | None":
         """The fingerprint read off a checkpoint's config alone (no weights), or None when the config does not
         tell it (a vision tower DToMe has no adapter for, a list of feature layers)."""
-        from dymu.vision.encoder import _ADAPTERS  # tower model_type -> (family, parts)
-
         vision = getattr(config, "vision_config", None)
-        family = _ADAPTERS.get(getattr(vision, "model_type", None), (None,))[0]
+        family = TOWER_FAMILIES.get(getattr(vision, "model_type", None))
         feature_layer = getattr(config, "vision_feature_layer", None)
         if family is None or not isinstance(feature_layer, int):
             return None
@@ -167,8 +166,6 @@ class Thresholds:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ThresholdsError(f"malformed thresholds file ({exc.__class__.__name__}: {exc})") from exc
-        from dymu.vision.encoder import layers_to_run
-
         expected = layers_to_run(encoder.feature_layer, encoder.num_layers)
         if len(thresholds.taus) != expected:
             raise ThresholdsError(f"{len(thresholds.taus)} thresholds for an encoder that runs {expected} layers")

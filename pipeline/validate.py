@@ -96,6 +96,20 @@ def is_local_run(ray_address: str | None) -> bool:
     return not address or address == "local"
 
 
+def has_cuda_driver() -> bool:
+    """Whether NVIDIA's driver library loads. Without it torch sees no GPU; finding that out through torch takes
+    seconds of imports and a CUDA probe, this takes milliseconds."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def check_model(model: str, revision: str | None = None, device: str | None = None,
                 thresholds: str | None = None, keep: float | None = None) -> Any:
     """The checkpoint's config, after checking what can be told without its weights: that it is a family dymu
@@ -105,12 +119,29 @@ def check_model(model: str, revision: str | None = None, device: str | None = No
 
     if thresholds is not None:  # a file that is unsound on its own fails before torch and transformers load
         Thresholds.load(thresholds)
-    from dymu.families import check_device, checkpoint_config
+    from dymu.checkpoint import local_config
 
     if device is not None and device not in ("auto", "cpu"):  # every machine has a CPU; the rest asks torch
+        if device.startswith("cuda") and not has_cuda_driver():
+            raise DymuError(f"device {device!r} asked for, but this machine has no CUDA GPU (no NVIDIA driver: "
+                            f"libcuda does not load); use --device cpu (or auto)")
+        from dymu.families import check_device
+
         check_device(device)
-    config = checkpoint_config(model, revision)
-    fingerprint = EncoderFingerprint.from_model_config(config)
+    # A local folder's config.json is read as plain JSON (no torch: a fraction of a second); a hub id, or a
+    # config that leaves a field the checks need at its default, is read through transformers.
+    config = local_config(model) if revision is None else None
+    try:
+        if config is not None and not config.model_type.startswith("qwen"):
+            config.vision_config.model_type, config.vision_feature_layer  # noqa: B018 (absent: a default applies)
+        fingerprint = EncoderFingerprint.from_model_config(config) if config is not None else None
+    except (AttributeError, TypeError, ValueError):
+        config = None
+    if config is None:
+        from dymu.families import checkpoint_config
+
+        config = checkpoint_config(model, revision)
+        fingerprint = EncoderFingerprint.from_model_config(config)
     if keep is not None and fingerprint is not None:
         positions = (fingerprint.image_size // fingerprint.patch_size) ** 2 + (fingerprint.family == "clip")
         if keep >= positions:  # as calibration will say: keeping every token is no merging at all

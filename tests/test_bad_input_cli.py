@@ -146,11 +146,13 @@ def test_bad_input_is_one_line_exit_2_before_start_up(case, files, time_limit):
     assert not (files / "c.jsonl").exists()  # caption refused before it opened --out
 
 
-# The cases found from the command line, the config and the files named alone: neither torch (~1.7 s) nor
-# transformers (~0.6 s) is imported before the one line. The others need the checkpoint's config (transformers,
-# and dymu.families imports torch) or ask torch about the device.
+# Every case but the CUDA ones is found from the command line, the config, the files named and a local
+# checkpoint's config.json (read as plain JSON): neither torch (~1.7 s) nor transformers (~0.6 s) is imported
+# before the one line. The CUDA cases ask torch about the device where NVIDIA's driver is installed.
 NEEDS_NO_TORCH = [
-    "device-banana", "dtype-banana", "model-worker-cpus-negative", "decoders-0", "thresholds-achieved-null",
+    *(["device-cuda-without-gpu", "device-cuda-99"] if not torch.cuda.is_available() else []),
+    "ask-model-without-model-type", "stream-model-without-model-type", "thresholds-wrong-family",
+    "tokens-thresholds-wrong-family", "keep-100000", "device-banana", "dtype-banana", "model-worker-cpus-negative", "decoders-0", "thresholds-achieved-null",
     "thresholds-nan-tau", "thresholds-tau-5", "thresholds-missing", "thresholds-corrupt", "config-prune-5",
     "config-max-new-tokens-lots", "huge-png", "calibrate-out-unwritable", "stream-out-unwritable",
     "temporal-threshold-minus-5", "empty-question", "caption-empty-prompt", "max-frames-0", "max-new-tokens-0",

@@ -149,6 +149,30 @@ def test_check_model_reads_no_weights_and_checks_the_thresholds_family(tiny_ov, 
         check_model(str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("family_fixture", ["tiny_ov", "tiny_llava"])
+def test_the_plain_json_config_tells_the_fingerprint_transformers_does(family_fixture, request):
+    """check_model reads a local config.json without transformers; it must find the fingerprint transformers
+    finds, and where the file leaves a field to its class default (absent), ask transformers instead of
+    skipping the check."""
+    from dymu.checkpoint import local_config
+    from dymu.families import checkpoint_config
+
+    path = request.getfixturevalue(family_fixture)
+    stock = EncoderFingerprint.from_model_config(checkpoint_config(str(path)))
+    assert EncoderFingerprint.from_model_config(local_config(str(path))) == stock
+
+
+def test_a_config_field_left_to_its_default_is_read_through_transformers(tiny_ov, tmp_path):
+    """A config.json may leave a field at its class default (absent from the file): the plain JSON reading
+    cannot know it, so check_model asks transformers rather than skip the check."""
+    config = json.loads((tiny_ov / "config.json").read_text())
+    assert config.pop("vision_feature_layer") == -1  # LLaVA-OneVision's default
+    (tmp_path / "defaults").mkdir()
+    (tmp_path / "defaults" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DymuError, match="between 1 and 728"):
+        check_model(str(tmp_path / "defaults"), keep=729)
+
+
 def test_a_device_this_machine_lacks_is_refused():
     import torch
 

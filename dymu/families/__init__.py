@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from dymu.errors import DymuError
+from dymu.checkpoint import MODEL_TYPES, check_model_type
 from dymu.families.base import (
     ModelNotAvailable,
     Prompt,
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 FAMILIES = {"llava_onevision": OneVisionFamily, "llava": LlavaFamily, "qwen2_5_vl": Qwen25VLFamily,
             "qwen3_vl": Qwen3VLFamily}
+assert tuple(FAMILIES) == MODEL_TYPES, "dymu.checkpoint.MODEL_TYPES must name the families here"
 
 
 def load_family(
@@ -46,13 +47,10 @@ def checkpoint_config(model_id: str, revision: str | None = None) -> Any:
             model_type = json.loads(raw).get("model_type") if raw else None
         except (json.JSONDecodeError, AttributeError):
             raise ModelNotAvailable(f"{model_id}: config.json is not a JSON object") from exc
-        if model_type is None:
-            raise ModelNotAvailable(f"{model_id}: config.json has no \"model_type\", so it names no model "
-                                    f"(expected one of {', '.join(FAMILIES)})") from exc
+        check_model_type(model_id, model_type)
         raise ModelNotAvailable(f"{model_id}: model_type {model_type!r} is unknown to this transformers; "
                                 f"supported: {', '.join(FAMILIES)}") from exc
-    if config.model_type not in FAMILIES:
-        raise DymuError(f"{model_id} is a {config.model_type!r} model; supported: {', '.join(FAMILIES)}")
+    check_model_type(model_id, config.model_type)
     return config
 
 

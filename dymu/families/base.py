@@ -15,14 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dymu.checkpoint import ModelNotAvailable
 from dymu.errors import DymuError
 from dymu.layout import PositionMap
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotAvailable(DymuError):
-    """The checkpoint could not be found locally or fetched."""
 
 
 @dataclass

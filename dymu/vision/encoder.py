@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dymu.checkpoint import TOWER_FAMILIES, layers_to_run
 from dymu.errors import DymuError
 from dymu.merge import MERGE_ORDERS
 from dymu.vision.clip import clip_parts
@@ -13,10 +14,8 @@ from dymu.vision.runner import EncoderParts, MergedImage, MergePolicy, Threshold
 from dymu.vision.siglip import siglip_parts
 
 # config.model_type of the tower -> (family name, adapter)
-_ADAPTERS = {
-    "siglip_vision_model": ("siglip", siglip_parts),
-    "clip_vision_model": ("clip", clip_parts),
-}
+_PARTS = {"siglip": siglip_parts, "clip": clip_parts}
+_ADAPTERS = {model_type: (family, _PARTS[family]) for model_type, family in TOWER_FAMILIES.items()}
 
 
 def vision_family(tower: nn.Module) -> str:
@@ -30,14 +29,6 @@ def vision_family(tower: nn.Module) -> str:
 def encoder_parts(tower: nn.Module) -> EncoderParts:
     vision_family(tower)
     return _ADAPTERS[tower.config.model_type][1](tower)
-
-
-def layers_to_run(feature_layer: int, num_layers: int) -> int:
-    """How many layers produce ``hidden_states[feature_layer]`` (entry 0 is the embeddings)."""
-    count = num_layers + 1
-    if not isinstance(feature_layer, int) or not -count <= feature_layer < count:
-        raise DymuError(f"vision feature layer {feature_layer!r} does not exist in a {num_layers}-layer encoder")
-    return feature_layer % count
 
 
 class DToMeEncoder:
