@@ -25,7 +25,6 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from dymu.errors import DymuError
-from workers.redis_server import CacheUnavailable, EmbeddedRedis, connect_redis, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,15 @@ class Runtime:
     def describe_cache(self) -> str:
         if self.redis_url is None:
             return "off"
+        from workers.redis_server import redact_url
+
         return "embedded redis-server (lasts for this run)" if self.embedded_redis else redact_url(self.redis_url)
 
 
 def check_redis(url: str) -> None:
     """Raise ``CacheUnavailable`` (one line, with the ways out) unless Redis at ``url`` answers."""
+    from workers.redis_server import CacheUnavailable, connect_redis  # redis-py: imported once it is needed
+
     try:
         connect_redis(url).close()
     except CacheUnavailable as exc:
@@ -236,6 +239,8 @@ def open_runtime(ray_address: str | None = None, redis_url: str | None = None, c
     elif redis_url:
         check_redis(redis_url)
     else:
+        from workers.redis_server import EmbeddedRedis
+
         embedded = EmbeddedRedis(maxmemory="2gb").start()
         redis_url = embedded.url
     try:
