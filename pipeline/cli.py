@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DymuError as exc:  # bad input: one line, no traceback
         print(f"dymu-video {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(sys.modules.get("pipeline.runtime"), "native_thread_left", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # Ray's abandoned connecting thread would abort the interpreter's shutdown
         return 2
     except KeyboardInterrupt:
         print(f"dymu-video {args.command}: interrupted", file=sys.stderr)

@@ -154,6 +154,10 @@ def check_ray_reachable(address: str, timeout_s: float) -> None:
         raise DymuError(f"no Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+# Set once a connecting thread was given up on: it sits in Ray's native code until the program ends, and an
+# interpreter that finalises under it aborts (SIGABRT), so the CLI ends such a run with os._exit.
+native_thread_left = False
+
 _AUTH_SIGNS = ("InvalidAuthToken", "Unauthenticated", "authentication token", "auth_token")
 
 
@@ -215,6 +219,8 @@ def _abandon_native_stderr(terminal: int) -> None:
     """The connecting thread cannot be stopped and goes on writing to descriptor 2 until the program ends
     (it is about to: the connection failed). Descriptor 2 goes to /dev/null for good, and Python's own
     stderr (our one line, logging) to ``terminal``, a copy of the real one."""
+    global native_thread_left
+    native_thread_left = True
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
