@@ -55,8 +55,12 @@ def fill_answer(engine: Engine, request: Request, step: int, generator: torch.Ge
 
 
 def write_random(pool, slots: torch.Tensor, generator: torch.Generator) -> None:
-    shape = (slots.shape[0], *pool.keys.shape[1:])
-    pool.write(slots, torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+    """Random keys and values at ``slots``: rows of one small random table, cycled (drawing gigabytes of
+    fresh random numbers would cost more than the steps being timed)."""
+    rows = 1021  # prime, so that no block sees the same rows as its neighbour
+    table = torch.randn(2, rows, *pool.keys.shape[1:], generator=generator)
+    pick = torch.arange(slots.shape[0]) % rows
+    pool.write(slots, table[0].index_select(0, pick), table[1].index_select(0, pick))
 
 
 def admit_at_step(engine: Engine, step: int, probe_layer: int, keep_visual: float | None, seed: int = 0) -> int:
