@@ -1,19 +1,23 @@
 """Benchmark the batched engine (dymu.engine) in one run, on a Qwen2-0.5B-shaped random decoder with the
-real 151936-token vocabulary. Video prompts are those of bench/llm.py: ``--frames`` x 196 visual positions
+real 151936-token vocabulary. Video prompts are those of bench/llm.py: frames x 196 visual positions
 between ~32 text tokens, merged to 25% of the rows (2 x 2 neighbouring cells) or left unmerged ("off").
 
-1. decode tokens/s with 1, 4, 8, 16 sequences running, against 1, and whole requests/s including prefill;
-2. at "off", the engine against transformers' ``generate`` on the same batch (all prompts the same length,
-   so no padding is needed); and the merged prompts through the engine against that stock batch;
-3. DyRate in the batch: decode step time at the last step, pruned (linear schedule) against unpruned, KV
-   bytes really freed, and how many sequences ran at once under one fixed ``kv_cache_gb``;
+1. decode tokens/s with 1, 4, 8, 16 sequences running, against 1; at "off", whole requests/s of the engine
+   against transformers' ``generate`` on the same batch (all prompts the same length: no padding), as the
+   median of paired ratios (engine, generate, engine merged, ... interleaved, so that load shared by the
+   machine falls on both alike); the merged prompts through the engine against the same stock batch;
+2. the same pairing on long prompts (``--stock-frames``, 32 by default) with long answers: merged rows
+   through the engine against ``generate`` on the unmerged batch;
+3. DyRate in the batch: decode step time at step ``--prune-steps`` with ``--prune-seqs`` sequences of
+   ``--prune-frames`` frames, the schedule's pruning (to 10% of the visual entries) against none, on a KV
+   filled synthetically (bench/serve_kv.py); KV bytes really freed; sequences admitted at that step under
+   one fixed ``kv_cache_gb``;
 4. time to first token of a second question about the same video (visual-prefix hit) against the first;
 5. peak memory.
 
-    python -m bench.serve                       # a few minutes on 2 CPU cores: 4 layers, small prompts
-    python -m bench.serve --layers 24 --frames 32 --answer-tokens 128 --prune-frames 32 --prune-steps 256 \\
-        --prune-seqs 16                          # the full sizes
-    python -m bench.serve --device cuda --dtype bfloat16 --layers 24 --frames 32 --answer-tokens 256
+    python -m bench.serve --threads 1          # 4 layers for 1. and 4., 2 for 2., 24 for 3. (synthetic)
+    python -m bench.serve --layers 24 --stock-layers 24 --prefix-layers 24   # the full shape everywhere
+    python -m bench.serve --device cuda --dtype bfloat16 --layers 24 --stock-layers 24 --prefix-layers 24
 
 Ratios within one run are what to read; seconds on a shared machine are noisy.
 """
@@ -21,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
+import statistics
 import time
 
 import torch
 
 from bench.llm import build_model, video_prompt
+from bench.serve_kv import admit_at_step, time_steps
 from dymu.engine import Engine, EngineConfig
 from dymu.engine.block_manager import block_bytes
-from dymu.llm import GenerateConfig, LinearSchedule, PruneConfig, VirtualSequence, load_decoder
+from dymu.llm import GenerateConfig, LinearSchedule, PruneConfig, VirtualSequence
 
 log = logging.getLogger("bench.serve")
 
@@ -37,11 +44,6 @@ log = logging.getLogger("bench.serve")
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def best_of(repeats: int, run, *args, **kwargs) -> dict:
-    """The run with the least wall time of ``repeats`` (other load on a shared machine only adds time)."""
-    return min((run(*args, **kwargs) for _ in range(repeats)), key=lambda out: out["seconds"])
 
 
 def run_engine(model, prompts: list[VirtualSequence], config: GenerateConfig, engine_config: EngineConfig,
@@ -91,22 +93,194 @@ def kv_gb_for(model, sequences: int, entries: int, block_size: int) -> float:
                                 model.dtype) / 2**30
 
 
+def paired(pairs: int, runs: dict) -> dict[str, list[dict]]:
+    """Each of ``runs`` (name -> thunk) once per pair, in turn: A B C A B C ..."""
+    out: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(pairs):
+        for name, run in runs.items():
+            out[name].append(run())
+    return out
+
+
+def median_ratio(slow: list[dict], fast: list[dict]) -> float:
+    """The median over pairs of slow seconds / fast seconds (> 1: ``fast`` is faster)."""
+    return statistics.median(a["seconds"] / b["seconds"] for a, b in zip(slow, fast))
+
+
+def uptime() -> str:
+    return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def model_with(args: argparse.Namespace, layers: int):
+    return build_model(argparse.Namespace(**{**vars(args), "layers": layers}))
+
+
+def batch_table(args: argparse.Namespace, device: torch.device) -> None:
+    model = model_with(args, args.layers)
+    batches = [int(b) for b in args.batches.split(",")]
+    answer = GenerateConfig(max_new_tokens=args.answer_tokens)
+    entries = args.frames * 196 + args.text_tokens + args.answer_tokens
+    print(f"\n## 1. Batches: {args.layers}-layer decoder; {args.frames} frame(s) x 196 visual positions + "
+          f"{args.text_tokens} text tokens, merged to 25% of the rows or 'off'; {args.answer_tokens}-token answers; "
+          f"median of {args.pairs} interleaved pairs ({uptime()} at the start)\n")
+    print("| running | decode tok/s off (best step) | vs 1 | decode tok/s 25% | vs 1 | engine off / generate | "
+          "engine 25% / generate | load |")
+    print("|---|---|---|---|---|---|---|---|")
+    singles: dict[bool, float] = {}
+    for batch in batches:
+        sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
+                             prefill_chunk=batch * entries)
+        off = prompts_for(model, batch, args.frames, args.text_tokens, False, device)
+        merged = prompts_for(model, batch, args.frames, args.text_tokens, True, device)
+        run_engine(model, off[:1], GenerateConfig(max_new_tokens=2), sizes)  # warm-up
+        runs = paired(args.pairs, {
+            "off": lambda: run_engine(model, off, answer, sizes),
+            "generate": lambda: stock_generate(model, off, args.answer_tokens),
+            "merged": lambda: run_engine(model, merged, answer, sizes),
+        })
+        rates = {}
+        for name in ("off", "merged"):
+            steps = [s for out in runs[name] for s in out["decode_steps"]]
+            rates[name] = batch / min(steps) if steps else float("nan")
+            if batch == 1:
+                singles[name] = rates[name]
+        vs = {name: rates[name] / singles[name] if name in singles else float("nan") for name in rates}
+        print(f"| {batch} | {rates['off']:.1f} | {vs['off']:.2f}x | {rates['merged']:.1f} | {vs['merged']:.2f}x | "
+              f"{median_ratio(runs['generate'], runs['off']):.2f}x | "
+              f"{median_ratio(runs['generate'], runs['merged']):.2f}x | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
+def long_prompt_ratio(args: argparse.Namespace, device: torch.device) -> None:
+    model = model_with(args, args.stock_layers)
+    batch, tokens = args.stock_batch, args.stock_answer_tokens
+    entries = args.stock_frames * 196 + args.text_tokens + tokens
+    sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
+                         prefill_chunk=batch * entries)
+    off = prompts_for(model, batch, args.stock_frames, args.text_tokens, False, device)
+    merged = prompts_for(model, batch, args.stock_frames, args.text_tokens, True, device)
+    answer = GenerateConfig(max_new_tokens=tokens)
+    print(f"\n## 2. Long prompts: {args.stock_layers}-layer decoder, {batch} prompts of {args.stock_frames} frames "
+          f"({off[0].num_positions} positions), {tokens}-token answers; median of {args.pairs} interleaved pairs "
+          f"({uptime()} at the start)\n")
+    runs = paired(args.pairs, {
+        "generate": lambda: stock_generate(model, off, tokens),
+        "merged": lambda: run_engine(model, merged, answer, sizes),
+        "off": lambda: run_engine(model, off, answer, sizes),
+    })
+    print("| | seconds per pair | vs `generate` (median of paired ratios) |")
+    print("|---|---|---|")
+    for name, label in (("generate", "`generate`, unmerged"), ("off", "engine, off"), ("merged", "engine, 25% (VTU)")):
+        seconds = ", ".join(f"{out['seconds']:.0f}" for out in runs[name])
+        print(f"| {label} | {seconds} | {median_ratio(runs['generate'], runs[name]):.2f}x |")
+    print(f"\n(at the end: {uptime()})")
+
+
+def prune_table(args: argparse.Namespace, device: torch.device) -> None:
+    model = model_with(args, args.prune_layers)
+    probe = args.prune_layer if args.prune_layer is not None else (2 if args.prune_layers >= 8 else 0)
+    steps, seqs = args.prune_steps, args.prune_seqs
+    prompt = prompts_for(model, 1, args.prune_frames, args.text_tokens, True, device)[0]
+    entries = prompt.num_positions + steps + args.timed_steps
+    prune = PruneConfig(enabled=True, layer=probe, start_step=8, interval=8, min_keep=0.1)
+    schedule = LinearSchedule(start=8, end=max(steps // 2, 9), final=0.1)
+    configs = {"unpruned": (GenerateConfig(max_new_tokens=entries), None),
+               "pruned": (GenerateConfig(max_new_tokens=entries, prune=prune), schedule)}
+    print(f"\n## 3. DyRate in the batch: {args.prune_layers}-layer decoder, {seqs} sequences of {args.prune_frames} "
+          f"frames ({prompt.num_positions} positions, merged to 25% of the rows), decode steps {steps}-"
+          f"{steps + args.timed_steps - 1}; KV of the prompt and the first {steps - 1} steps filled synthetically, "
+          f"the linear schedule's pruning to 10% of the visual entries after layer {probe} ({uptime()})\n")
+    times: dict[str, list[list[float]]] = {name: [] for name in configs}
+    freed: dict[str, int] = {}
+    for _ in range(args.pairs):
+        for name, (config, predictor) in configs.items():
+            engine = Engine(model, None, EngineConfig(kv_cache_gb=kv_gb_for(model, seqs, entries, 16), max_batch=seqs))
+            for _ in range(seqs):
+                engine.add_request(prompt, config, predictor=predictor)
+            admitted = admit_at_step(engine, steps, probe, 0.1 if predictor else None, seed=args.seed)
+            assert admitted == seqs, f"{admitted} of {seqs} admitted"
+            freed[name] = sum(r.kv.blocks_freed_by_pruning for r in engine.scheduler.running) * engine.pool.block_bytes
+            in_use = engine.stats()["kv_bytes_in_use"]
+            times[name].append(time_steps(engine, args.timed_steps))
+            freed[name + " in use"] = in_use
+            del engine
+    per_pair = [statistics.median(p) / statistics.median(u) for p, u in zip(times["pruned"], times["unpruned"])]
+    # Admission under one pool that holds half the sequences unpruned at that step.
+    fixed_gb = kv_gb_for(model, max(seqs // 2, 1), prompt.num_positions + steps, 16)
+    admitted = {}
+    for name, (config, predictor) in configs.items():
+        engine = Engine(model, None, EngineConfig(kv_cache_gb=fixed_gb, max_batch=4 * seqs))
+        for _ in range(4 * seqs):
+            engine.add_request(prompt, config, predictor=predictor)
+        admitted[name] = admit_at_step(engine, steps, probe, 0.1 if predictor else None, seed=args.seed)
+        del engine
+    print(f"| | decode step ms (median of steps {steps}-{steps + args.timed_steps - 1}, per pair) | pruned / unpruned "
+          f"(median of paired ratios) | KV in use MiB | KV freed by pruning MiB | sequences at step {steps} under "
+          f"{fixed_gb * 1024:.0f} MiB |")
+    print("|---|---|---|---|---|---|")
+    for name in configs:
+        ms = ", ".join(f"{1000 * statistics.median(t):.0f}" for t in times[name])
+        ratio = f"{statistics.median(per_pair):.2f}" if name == "pruned" else "1.00"
+        print(f"| {name} | {ms} | {ratio} | {freed[name + ' in use'] / 2**20:.0f} | {freed[name] / 2**20:.0f} | "
+              f"{admitted[name]} |")
+    print(f"\n(at the end: {uptime()})")
+
+
+def prefix_ttft(args: argparse.Namespace, device: torch.device) -> None:
+    model = model_with(args, args.prefix_layers)
+    _, video = video_prompt(model, args.prefix_frames, args.text_tokens, seed=99)
+    video = video.to(device, model.dtype)
+    before, after = args.text_tokens // 2, args.text_tokens - args.text_tokens // 2
+    prefix = before + args.prefix_frames * 196
+    # A second question: the same video, other words after it.
+    rows = video.rows.clone()
+    rows[-after:] = torch.randn(after, rows.shape[1], generator=torch.Generator().manual_seed(7)) * rows.std()
+    second = VirtualSequence(rows, video.mapping, video.visual)
+    sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, 3, video.num_positions + 64, 16),
+                         prefix_cache_gb=kv_gb_for(model, 1, prefix, 16), prefill_chunk=video.num_positions)
+    run_engine(model, [second], GenerateConfig(max_new_tokens=1), sizes)  # warm-up
+    ratios, firsts, seconds = [], [], []
+    for _ in range(args.pairs):
+        engine = Engine(model, None, sizes)
+        ttft = []
+        for question in (video, second):
+            started = time.perf_counter()
+            engine.add_request(question, GenerateConfig(max_new_tokens=1), prefix_key="video", prefix_positions=prefix)
+            engine.run()
+            sync(device)
+            ttft.append(time.perf_counter() - started)
+        assert engine.stats()["prefix_hits"] == 1
+        firsts.append(ttft[0]), seconds.append(ttft[1]), ratios.append(ttft[0] / ttft[1])
+    print(f"\n## 4. Visual-prefix reuse: {args.prefix_layers}-layer decoder, {args.prefix_frames}-frame video "
+          f"({video.num_positions} positions, merged to 25% of the rows; prefix {prefix} positions)\n")
+    print(f"Time to first token: first question {', '.join(f'{s:.2f}' for s in firsts)} s, second (prefix hit) "
+          f"{', '.join(f'{s:.3f}' for s in seconds)} s; median of paired ratios {statistics.median(ratios):.0f}x "
+          f"({uptime()}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers (24 = Qwen2-0.5B)")
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--frames", type=int, default=1, help="frames (196 positions each) per prompt")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers for 1. (24 = Qwen2-0.5B)")
+    parser.add_argument("--frames", type=int, default=1, help="frames (196 positions each) per prompt in 1.")
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,4,8,16")
-    parser.add_argument("--prune-seqs", type=int, default=8)
-    parser.add_argument("--prune-frames", type=int, default=4)
-    parser.add_argument("--prune-steps", type=int, default=64)
-    parser.add_argument("--prefix-frames", type=int, default=8)
+    parser.add_argument("--stock-layers", type=int, default=2, help="decoder layers for 2.")
+    parser.add_argument("--stock-frames", type=int, default=32)
+    parser.add_argument("--stock-batch", type=int, default=4)
+    parser.add_argument("--stock-answer-tokens", type=int, default=128)
+    parser.add_argument("--prune-layers", type=int, default=24, help="decoder layers for 3.")
+    parser.add_argument("--prune-seqs", type=int, default=16)
+    parser.add_argument("--prune-frames", type=int, default=32)
+    parser.add_argument("--prune-steps", type=int, default=256)
+    parser.add_argument("--timed-steps", type=int, default=8)
     parser.add_argument("--prune-layer", type=int, default=None, help="default: 2, or 0 on models under 8 layers")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    parser.add_argument("--prefix-layers", type=int, default=4, help="decoder layers for 4.")
+    parser.add_argument("--prefix-frames", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved runs of each side per measurement")
+    parser.add_argument("--only", default="1,2,3,4", help="which parts to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -114,92 +288,16 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args)
-    decoder = load_decoder(model)
-    batches = [int(b) for b in args.batches.split(",")]
-    answer = GenerateConfig(max_new_tokens=args.answer_tokens)
-    entries = args.frames * 196 + args.text_tokens + args.answer_tokens
-    sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, max(batches), entries, 16), max_batch=max(batches))
-    run_engine(model, prompts_for(model, 1, 1, 8, True, device), GenerateConfig(max_new_tokens=2), sizes)  # warm-up
-
-    print(f"\n## Engine: {args.layers}-layer Qwen2-0.5B-shaped random decoder, vocabulary {args.vocab}, "
-          f"{args.device} {args.dtype}" + (f", {args.threads} threads" if args.device == "cpu" else "") + "\n")
-    print(f"Prompts: {args.frames} frame(s) x 196 visual positions + {args.text_tokens} text tokens, "
-          f"merged to 25% of the rows unless 'off'; answers of {args.answer_tokens} tokens.\n")
-    print("| running | merged | decode tok/s (best step) | vs 1 | engine req/s | generate req/s | engine / generate |")
-    print("|---|---|---|---|---|---|---|")
-    singles: dict[bool, float] = {}
-    stock_rates = {}
-    for batch in batches:
-        for merged in (False, True):
-            prompts = prompts_for(model, batch, args.frames, args.text_tokens, merged, device)
-            out = best_of(args.repeats, run_engine, model, prompts, answer, sizes)
-            step = min(out["decode_steps"]) if out["decode_steps"] else float("nan")
-            tokens_per_s = batch / step
-            rate = batch / out["seconds"]
-            if not merged:
-                stock_rates[batch] = batch / best_of(args.repeats, stock_generate, model, prompts,
-                                                     args.answer_tokens)["seconds"]
-            if batch == 1:
-                singles[merged] = tokens_per_s
-            vs_one = tokens_per_s / singles[merged] if merged in singles else float("nan")
-            stock = stock_rates[batch]
-            print(f"| {batch} | {'25%' if merged else 'off'} | {tokens_per_s:.1f} | {vs_one:.2f}x | {rate:.3f} | "
-                  f"{stock:.3f} | {rate / stock:.2f}x |", flush=True)
-
-    # DyRate in the batch: the same sequences with and without pruning, one fixed pool.
-    prune_entries = args.prune_frames * 196 + args.text_tokens + args.prune_steps
-    fixed = EngineConfig(kv_cache_gb=kv_gb_for(model, max(args.prune_seqs // 2, 1), prune_entries, 16),
-                         max_batch=args.prune_seqs)
-    roomy = EngineConfig(kv_cache_gb=kv_gb_for(model, args.prune_seqs, prune_entries, 16), max_batch=args.prune_seqs)
-    prompts = prompts_for(model, args.prune_seqs, args.prune_frames, args.text_tokens, True, device)
-    plain_config = GenerateConfig(max_new_tokens=args.prune_steps)
-    prune_config = GenerateConfig(max_new_tokens=args.prune_steps, prune=PruneConfig(
-        enabled=True, layer=args.prune_layer if args.prune_layer is not None else (2 if args.layers >= 8 else 0),
-        start_step=8, interval=8, min_keep=0.1))
-    schedule = LinearSchedule(start=8, end=max(args.prune_steps // 2, 9), final=0.1)
-    plain = best_of(args.repeats, run_engine, model, prompts, plain_config, roomy)
-    pruned = best_of(args.repeats, run_engine, model, prompts, prune_config, roomy, schedule)
-    last_plain, last_pruned = min(plain["decode_steps"][-8:]), min(pruned["decode_steps"][-8:])
-    plain_fixed = run_engine(model, prompts, plain_config, fixed)["stats"]
-    pruned_fixed = run_engine(model, prompts, prune_config, fixed, schedule)["stats"]
-    print(f"\nDyRate in the batch ({args.prune_seqs} sequences of {args.prune_frames} frame(s), step "
-          f"{args.prune_steps}, linear schedule to 10% of the visual entries from step 8):\n")
-    print("| | decode step ms @last (min of the last 8) | vs unpruned | KV freed by pruning MiB | most running under "
-          f"{fixed.kv_cache_gb * 1024:.0f} MiB | preemptions |")
-    print("|---|---|---|---|---|---|")
-    print(f"| unpruned | {1000 * last_plain:.0f} | 1.00 | 0 | {plain_fixed['most_running']} | "
-          f"{plain_fixed['preemptions']} |")
-    print(f"| pruned | {1000 * last_pruned:.0f} | {last_pruned / last_plain:.2f} | "
-          f"{pruned['stats']['kv_bytes_freed_by_pruning'] / 2**20:.0f} | {pruned_fixed['most_running']} | "
-          f"{pruned_fixed['preemptions']} |")
-
-    # Visual-prefix reuse: time to first token of a second question about the same video.
-    unmerged_prompt, video = video_prompt(model, args.prefix_frames, args.text_tokens, seed=99)
-    video = video.to(device, model.dtype)
-    before = args.text_tokens // 2
-    prefix = before + args.prefix_frames * 196
-    prefix_sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, 3, prefix + 64, 16),
-                                prefix_cache_gb=kv_gb_for(model, 1, prefix, 16))
-    engine = Engine(model, None, prefix_sizes)
-    ttft = []
-    for _ in range(2):
-        started = time.perf_counter()
-        engine.add_request(video, GenerateConfig(max_new_tokens=1), prefix_key="video", prefix_positions=prefix)
-        engine.run()
-        sync(device)
-        ttft.append(time.perf_counter() - started)
-    print(f"\nTime to first token, {args.prefix_frames}-frame video ({video.num_positions} positions): first "
-          f"question {ttft[0]:.3f} s, second (prefix hit: {engine.stats()['prefix_hits'] == 1}) {ttft[1]:.4f} s, "
-          f"{ttft[0] / ttft[1]:.0f}x faster.")
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        print(f"\nPeak GPU memory: {peak:.0f} MiB.")
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"\nPeak resident memory of the process: {peak:.0f} MiB "
-              f"(weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB).")
-    del decoder, unmerged_prompt
+    parts = {"1": batch_table, "2": long_prompt_ratio, "3": prune_table, "4": prefix_ttft}
+    print(f"Qwen2-0.5B-shaped random decoders, vocabulary {args.vocab}, {args.device} {args.dtype}"
+          + (f", {args.threads} thread(s)" if args.device == "cpu" else "") + f"; {uptime()}")
+    for part in args.only.split(","):
+        parts[part](args, device)
+        if device.type == "cuda":
+            print(f"\nPeak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB.")
+        else:
+            print(f"\nPeak resident memory of the process so far: "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.")
 
 
 if __name__ == "__main__":

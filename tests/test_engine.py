@@ -131,8 +131,12 @@ def test_second_question_from_the_prefix_cache_equals_the_answer_from_scratch():
     first_result = engine.run()[first]
     second = engine.add_request(ask(questions[1]), config, prefix_key="video-1", prefix_positions=prefix)
     hit = engine.requests[second]
+    written, write = [], engine.pool.write
+    engine.pool.write = lambda slots, keys, values: (written.append(int(slots.shape[0])), write(slots, keys, values))
     second_result = engine.run()[second]
     assert hit.prefix_hit and engine.stats()["prefix_hits"] == 1
+    # The hit writes its own words and answer only: the prefix's entries are read where they are, not copied.
+    assert sum(written) == 3 * (questions[1].shape[0] + config.max_new_tokens - 1)
     assert first_result.tokens == generate(model, ask(questions[0]), config).tokens
     assert second_result.tokens == generate(model, ask(questions[1]), config).tokens
     assert engine.pool.num_free == engine.pool.num_blocks - engine.prefix_cache.num_blocks

@@ -100,8 +100,7 @@ class Engine:
                 prefix_key = None  # positions of the no-VTU baseline are not the prompt's own
         request = Request(generation, prefix_key, prefix_positions or 0, on_token)
         if config.prefill == "no_vtu":
-            request.sequence = request.prompt = generation.sequence.consecutive()
-            request.cuts = request.cuts.new_tensor([request.prompt.num_positions])
+            request.use_sequence(generation.sequence.consecutive())
         self.requests[request.id] = request
         self.scheduler.add(request)
         return request.id
@@ -127,7 +126,7 @@ class Engine:
         if batch and sum(r.kv.blocks_to_append(1) for r in batch) > self.pool.num_free:
             outputs += [self._fail(r, "the KV pool is too small for this answer (raise kv_cache_gb)") for r in batch]
             batch = []
-        picked: list[tuple[Request, torch.Tensor]] = []
+        picked: list[tuple[Request, torch.Tensor, int | None]] = []
         if batch:
             started = time.perf_counter()
             freed_before = sum(r.kv.blocks_freed_by_pruning for r in batch)
@@ -135,9 +134,10 @@ class Engine:
             _synchronize(self.decoder.device)
             seconds = time.perf_counter() - started
             self.blocks_freed_by_pruning += sum(r.kv.blocks_freed_by_pruning for r in batch) - freed_before
+            greedy = logits.argmax(dim=-1).tolist()  # one call for the batch, not one per sequence
             for b, request in enumerate(batch):
                 request.result.decode_seconds.append(seconds)
-                picked.append((request, logits[b]))
+                picked.append((request, logits[b], None if request.generation.config.do_sample else greedy[b]))
         spans = self.scheduler.prefill_chunks(self.config.prefill_chunk)
         started = time.perf_counter()
         chunk_logits = prefill_chunks(self.decoder, self.pool, spans) if spans else []
@@ -152,9 +152,9 @@ class Engine:
             if logits is not None:
                 request.status = DECODING
                 if not request.tokens:  # a recomputed answer already has the token it feeds next
-                    picked.append((request, logits))
-        for request, logits in picked:
-            outputs.append(self._pick(request, logits))
+                    picked.append((request, logits, None))
+        for request, logits, token in picked:
+            outputs.append(self._pick(request, logits, token))
         self.steps += 1
         for out in outputs:
             request = self.requests.get(out.request_id)
@@ -164,9 +164,11 @@ class Engine:
                 request.on_token(out)
         return outputs
 
-    def _pick(self, request: Request, logits: torch.Tensor) -> StepOutput:
+    def _pick(self, request: Request, logits: torch.Tensor, token: int | None = None) -> StepOutput:
+        """Take ``token`` (already picked greedily) or pick one from ``logits``; stop or go on."""
         generation, config = request.generation, request.generation.config
-        token = pick_token(logits, config, request.sampler)
+        if token is None:
+            token = pick_token(logits, config, request.sampler)
         if config.keep_logits:
             request.result.logits.append(logits.float().cpu())
         request.tokens.append(token)

@@ -68,7 +68,9 @@ class PrefixCache:
         layers = []
         for kv_layer in kv.layers:
             blocks = kv_layer.blocks[: self.pool.blocks_for(length)]
-            layers.append((blocks, kv_layer.slots[:length], kv_layer.ordinals[:length], kv_layer.visual[:length]))
+            # Copies of the index lists (the holder's buffers grow in place); the KV blocks themselves are shared.
+            layers.append((blocks, kv_layer.slots[:length].clone(), kv_layer.ordinals[:length].clone(),
+                           kv_layer.visual[:length].clone()))
         entry = PrefixEntry(length, layers)
         if entry.num_blocks > self.budget_blocks:
             return

@@ -73,6 +73,7 @@ class Request:
         self.generation = generation
         self.sequence: VirtualSequence = generation.sequence
         self.prompt = self.sequence
+        self._first_answer_position = self.sequence.next_position  # an M-RoPE max over the prompt: once
         self.prefix_key = prefix_key
         self.prefix_positions = prefix_positions
         self.prefix_hit = False
@@ -101,7 +102,13 @@ class Request:
 
     def next_position(self) -> int:
         """RoPE position of the token fed by the next decode step (the last token picked)."""
-        return self.sequence.next_position + len(self.tokens) - 1
+        return self._first_answer_position + len(self.tokens) - 1
+
+    def use_sequence(self, sequence: VirtualSequence) -> None:
+        """Answer ``sequence`` instead (the no-VTU baseline's consecutive positions), as one chunk."""
+        self.sequence = self.prompt = sequence
+        self._first_answer_position = sequence.next_position
+        self.cuts = self.cuts.new_tensor([sequence.num_positions])
 
     def prompt_length(self) -> int:
         return self.prompt.num_positions

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from dymu.engine.block_manager import BlockManager
 from dymu.engine.request import Request
@@ -23,14 +24,18 @@ from dymu.llm.vtu import causal_attention, scatter_mean
 
 
 def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Queries at entries start.. (n, Hq, hd) over the first ``start + n`` entries (T, Hkv, hd), causally."""
+    """Queries at entries start.. (n, Hq, hd) over the first ``start + n`` entries (T, Hkv, hd), causally.
+
+    Grouped-query heads are folded into the query rows ((Hkv, groups * n, hd) against (Hkv, T, hd)) rather
+    than repeating the keys per query head: a chunk after a long cached prefix then reads the prefix once."""
     n, total = q.shape[0], keys.shape[0]
-    groups = q.shape[1] // keys.shape[1]
-    q, k, v = (t.transpose(0, 1)[None] for t in (q, keys, values))
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    groups = q.shape[1] // num_kv_heads
+    grouped = q.transpose(0, 1).reshape(num_kv_heads, groups * n, head_dim)
     allowed = torch.arange(total, device=q.device)[None] <= start + torch.arange(n, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return out[0].transpose(0, 1).reshape(n, -1)
+    out = F.scaled_dot_product_attention(grouped, keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=allowed.repeat(groups, 1), scale=scale)
+    return out.view(num_kv_heads * groups, n, head_dim).transpose(0, 1).reshape(n, -1)
 
 
 @dataclass
@@ -122,19 +127,26 @@ def deepstack_additions(chunks: list[Chunk], sizes: list[int]) -> list[tuple[tor
 
 
 def batched_decode_attention(q: torch.Tensor, pool: BlockManager, slots: list[torch.Tensor], scale: float) -> torch.Tensor:
-    """One new token per sequence, q (B, Hq, hd), over each sequence's entries at ``slots[b]``: (B, Hq * hd)."""
+    """One new token per sequence, q (B, Hq, hd), over each sequence's entries at ``slots[b]``: (B, Hq * hd).
+
+    The entries are gathered into one (B, Hkv, longest, hd) batch for SDPA (no key is repeated per query
+    head: the query heads of a KV head are its rows), so a step reads each live entry and no more."""
     batch, num_heads, head_dim = q.shape
-    lengths = torch.tensor([s.shape[0] for s in slots], device=q.device)
-    longest = int(lengths.max())
-    # Padding repeats a written slot: the pool is not zeroed, and a masked NaN would still poison the sum.
-    table = torch.stack([torch.cat([s, s[:1].expand(longest - s.shape[0])]) for s in slots])
+    lengths = [int(s.shape[0]) for s in slots]
+    longest = max(lengths)
+    table = pad_sequence(slots, batch_first=True, padding_value=-1) if batch > 1 else slots[0][None]
+    if min(lengths) < longest:
+        # Padding repeats a written slot: the pool is not zeroed, and a masked NaN would still poison the sum.
+        table = torch.where(table < 0, table[:, :1], table)
     num_kv_heads = pool.keys.shape[1]
-    keys = pool.keys.index_select(0, table.flatten()).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
-    values = pool.values.index_select(0, table.flatten()).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
+    flat = table.flatten()
+    keys = pool.keys.index_select(0, flat).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
+    values = pool.values.index_select(0, flat).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     mask = None
-    if bool((lengths != longest).any()):
-        mask = (torch.arange(longest, device=q.device)[None] < lengths[:, None])[:, None, None, :]
+    if min(lengths) < longest:
+        mask = (torch.arange(longest, device=q.device)[None] < torch.tensor(lengths, device=q.device)[:, None])
+        mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, -1)
 
@@ -149,17 +161,19 @@ def decode(decoder: Decoder, pool: BlockManager, requests: list[Request]) -> tor
     device = decoder.device
     ids = torch.tensor([r.tokens[-1] for r in requests], device=device)
     cos, sin = rope_tables(decoder, torch.tensor([r.next_position() for r in requests], device=device))
-    ordinals = [torch.tensor([r.sequence.num_positions + len(r.tokens) - 1], device=device) for r in requests]
+    ordinals = [r.sequence.num_positions + len(r.tokens) - 1 for r in requests]
+    probes = [(b, r) for b, r in enumerate(requests)
+              if r.generation.pruner is not None and r.generation.pruner.wants_probe(len(r.tokens))]
     h = decoder.embed_tokens(ids)
     for i, layer in enumerate(decoder.layers):
         q, k, v = project_qkv(decoder, layer, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_slots = torch.cat([r.kv.reserve(i, 1, ordinals[b], False) for b, r in enumerate(requests)])
-        pool.write(new_slots, k, v)
+        new_slots = [r.kv.reserve_one(i, ordinals[b]) for b, r in enumerate(requests)]
+        pool.write(torch.tensor(new_slots, device=device), k, v)
         scale = layer.self_attn.scaling
-        for b, r in enumerate(requests):
+        for b, r in probes:
             pruner, step = r.generation.pruner, len(r.tokens)
-            if pruner is not None and i == pruner.layer and pruner.wants_probe(step):
+            if i == pruner.layer:
                 keys = pool.keys.index_select(0, r.kv.layers[i].slots).transpose(0, 1)
                 weights = attention_probs(q[b: b + 1], keys, scale).mean(dim=(0, 1))
                 pruner.observe(step, weights, r.kv)

@@ -19,18 +19,67 @@ from dymu.engine.block_manager import BlockManager
 
 class LayerKV:
     """One layer of one sequence: held blocks, entries' slots, ordinals and visual flags, and how full the
-    last block is (appends go there until it is full or shared)."""
+    last block is (appends go there until it is full or shared).
+
+    Slots, ordinals and flags live in buffers with spare room that double when full, so a decode step's
+    append writes one element instead of copying the whole list (which at thousands of entries, every layer
+    of every sequence, every step, is a cost the custom path must not add)."""
 
     def __init__(self, device: torch.device) -> None:
         self.blocks: list[int] = []
         self.tail_fill = 0
-        self.slots = torch.empty(0, dtype=torch.long, device=device)
-        self.ordinals = torch.empty(0, dtype=torch.long, device=device)
-        self.visual = torch.empty(0, dtype=torch.bool, device=device)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        self.replace(empty, empty, torch.empty(0, dtype=torch.bool, device=device))
 
     @property
     def length(self) -> int:
-        return int(self.slots.shape[0])
+        return self._length
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self._slots[: self._length]
+
+    @property
+    def ordinals(self) -> torch.Tensor:
+        return self._ordinals[: self._length]
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return self._visual[: self._length]
+
+    def replace(self, slots: torch.Tensor, ordinals: torch.Tensor, visual: torch.Tensor) -> None:
+        """Hold exactly these entries. The tensors are adopted, not copied: appends grow into new buffers,
+        so tensors shared with others (a cached prefix) are never written."""
+        self._slots, self._ordinals, self._visual = slots, ordinals, visual
+        self._length = int(slots.shape[0])
+
+    def append(self, slots: torch.Tensor, ordinals: torch.Tensor, visual: torch.Tensor) -> None:
+        start, end = self._length, self._length + int(slots.shape[0])
+        if end > self._slots.shape[0]:
+            capacity = max(2 * end, 64)
+            self._slots, self._ordinals, self._visual = (
+                _grown(buffer, start, capacity) for buffer in (self._slots, self._ordinals, self._visual))
+        self._slots[start:end] = slots
+        self._ordinals[start:end] = ordinals
+        self._visual[start:end] = visual
+        self._length = end
+
+    def append_one(self, slot: int, ordinal: int) -> None:
+        """One decoded (non-visual) entry: three element writes, no tensor built."""
+        if self._length == self._slots.shape[0]:
+            capacity = max(2 * self._length, 64)
+            self._slots, self._ordinals, self._visual = (
+                _grown(buffer, self._length, capacity) for buffer in (self._slots, self._ordinals, self._visual))
+        self._slots[self._length] = slot
+        self._ordinals[self._length] = ordinal
+        self._visual[self._length] = False
+        self._length += 1
+
+
+def _grown(buffer: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    out = torch.empty(capacity, dtype=buffer.dtype, device=buffer.device)
+    out[:length] = buffer[:length]
+    return out
 
 
 class SequenceKV:
@@ -67,19 +116,19 @@ class SequenceKV:
         kv = self.layers[layer]
         pool = self.pool
         slots = kv.slots.index_select(0, index)
-        kv.ordinals, kv.visual = kv.ordinals.index_select(0, index), kv.visual.index_select(0, index)
+        ordinals, visual = kv.ordinals.index_select(0, index), kv.visual.index_select(0, index)
         own = [b for b in kv.blocks if pool.refs(b) == 1]
         shared = [b for b in kv.blocks if pool.refs(b) > 1]
         needed = pool.blocks_for(int(index.shape[0]))
         if needed > len(own) + pool.num_free:
-            kv.slots = slots  # no room to copy out of the shared blocks: a keep list, nothing freed
+            kv.replace(slots, ordinals, visual)  # no room to copy out of the shared blocks: a keep list, nothing freed
             return
         keys, values = pool.keys.index_select(0, slots), pool.values.index_select(0, slots)
         extra = pool.allocate(max(needed - len(own), 0))
         kv.blocks = (own + extra)[:needed]
         freed = pool.release(own[needed:]) + pool.release(shared)
         self.blocks_freed_by_pruning += freed
-        kv.slots = pool.slots(kv.blocks, int(index.shape[0]))
+        kv.replace(pool.slots(kv.blocks, int(index.shape[0])), ordinals, visual)
         pool.write(kv.slots, keys, values)
         kv.tail_fill = int(index.shape[0]) - (needed - 1) * pool.block_size if needed else 0
 
@@ -110,18 +159,30 @@ class SequenceKV:
             new.append(pool.slots(blocks, count))
             kv.tail_fill = count - (len(blocks) - 1) * pool.block_size
         slots = torch.cat(new) if len(new) > 1 else new[0]
-        kv.slots = torch.cat([kv.slots, slots])
-        kv.ordinals = torch.cat([kv.ordinals, ordinals.to(self.device)])
-        flags = visual if isinstance(visual, torch.Tensor) else torch.full((slots.shape[0],), visual)
-        kv.visual = torch.cat([kv.visual, flags.to(self.device, torch.bool)])
+        kv.append(slots, ordinals.to(self.device), visual if isinstance(visual, bool) else visual.to(self.device))
         return slots
+
+    def reserve_one(self, layer: int, ordinal: int) -> int:
+        """The slot of one new entry at the end of ``layer`` (a decode step's): ``reserve`` for one entry,
+        in plain integers, since every layer of every running sequence does this every step."""
+        kv, pool = self.layers[layer], self.pool
+        if kv.blocks and kv.tail_fill < pool.block_size and pool.refs(kv.blocks[-1]) == 1:
+            slot = kv.blocks[-1] * pool.block_size + kv.tail_fill
+            kv.tail_fill += 1
+        else:
+            block = pool.allocate(1)[0]
+            kv.blocks.append(block)
+            slot, kv.tail_fill = block * pool.block_size, 1
+        kv.append_one(slot, ordinal)
+        return slot
 
     def adopt(self, layer: int, blocks: list[int], slots: torch.Tensor, ordinals: torch.Tensor,
               visual: torch.Tensor) -> None:
         """Start ``layer`` (empty) from shared entries: one more reference on each of ``blocks``."""
         self.pool.share(blocks)
         kv = self.layers[layer]
-        kv.blocks, kv.slots, kv.ordinals, kv.visual = list(blocks), slots, ordinals, visual
+        kv.blocks = list(blocks)
+        kv.replace(slots, ordinals, visual)
         kv.tail_fill = self.pool.block_size  # the shared tail block is never appended to
 
     def release(self) -> int:
