@@ -123,6 +123,8 @@ def main() -> None:
                 alone_times.append(alone_s)
                 batched_times.append(batched_s)
                 ratios.append(alone_s / batched_s)
+                log.warning("batch %d frames: alone %.2fs, batched %.2fs (%.2fx)", batch_frames, alone_s, batched_s,
+                            alone_s / batched_s)
             tokens = sum(sum(t.meta["stages"]["dtome_tokens_per_frame"]) for t in reference)
             rows.append((batch_frames, args.videos / min(alone_times), args.videos / min(batched_times),
                          statistics.median(ratios), min(ratios), tokens / (args.videos * args.frames), agree))

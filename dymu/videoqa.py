@@ -105,9 +105,10 @@ class VideoQA:
         return self.visual_tokenizer(media).encode_alone(pending)
 
     def encode_many(self, media: Sequence[Media]) -> list[MergedTokens | Exception]:
-        """Tokens of several media, their frames through the vision encoder as one batch (in chunks of
-        ``encode_batch_frames``); each equals ``encode`` of that medium alone, up to float rounding. A medium
-        that fails has its exception in its place; the others are unaffected."""
+        """Tokens of several media, their frames through the vision encoder as one batch (LLaVA families in
+        chunks of ``encode_batch_frames``, Qwen-VL in one call: the caller bounds the batch, as the encoder
+        worker does); each equals ``encode`` of that medium alone, up to float rounding. A medium that fails
+        has its exception in its place; the others are unaffected."""
         pending = [attempt(lambda m=m: self.prepare(m)) for m in media]
         return encode_pending(self._visual, pending)
 

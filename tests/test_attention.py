@@ -60,6 +60,33 @@ def test_flex_equals_sdpa_on_ragged_paged_sequences(seed, block_size, heads, kv_
     torch.testing.assert_close(got[b], torch.einsum("hn,nhd->hd", weights, values).reshape(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_flex_falls_back_to_sdpa_only_if_its_first_call_fails():
+    generator = torch.Generator().manual_seed(7)
+    pool = BlockManager(64, 4, 2, 16, "cpu", torch.float32)
+    slots = ragged_slots(pool, generator)
+    written = torch.cat(slots).unique()
+    pool.write(written, torch.randn(written.shape[0], 2, 16, generator=generator),
+               torch.randn(written.shape[0], 2, 16, generator=generator))
+    q = torch.randn(len(slots), 4, 16, generator=generator)
+    expected = SdpaDecodeAttention()(q, pool, slots, 0.25)
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    broken = FlexDecodeAttention(torch.device("cpu"))
+    broken._flex = no_kernel
+    torch.testing.assert_close(broken(q, pool, slots, 0.25), expected)  # warned, then SDPA
+    assert broken.name == "sdpa"
+    torch.testing.assert_close(broken(q, pool, slots, 0.25), expected)
+
+    working = FlexDecodeAttention(torch.device("cpu"))
+    working(q, pool, slots, 0.25)
+    working._flex = no_kernel
+    with pytest.raises(RuntimeError, match="no kernel"):  # after a first success, a failure is a failure
+        working(q, pool, slots, 0.25)
+    assert working.name == "flex"
+
+
 def test_the_block_mask_lists_each_sequences_own_blocks():
     pool = BlockManager(10, 4, 1, 2, "cpu", torch.float32)
     slots = [torch.tensor([8, 9, 10, 13]), torch.tensor([0, 1, 2, 3, 8, 9]), torch.tensor([39])]

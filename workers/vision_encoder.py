@@ -12,6 +12,7 @@ A medium that fails fails only its own call.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -51,7 +52,8 @@ class VisionEncoder:
         self._model = ThreadPoolExecutor(1, thread_name_prefix="dymu-encoder")
         self._queue: list[tuple[Media, asyncio.Future]] = []
         self._draining: asyncio.Task | None = None
-        self.batches: list[int] = []  # media per batch encoded, for stats and tests
+        self.batches = 0
+        self.recent_batches: deque[int] = deque(maxlen=1000)  # media per batch, the latest ones
 
     async def _on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._model, fn, *args)
@@ -93,8 +95,8 @@ class VisionEncoder:
         return summary, tokens
 
     async def stats(self) -> dict[str, Any]:
-        """Batches encoded so far and the media in each (the latest 1000)."""
-        return {"batches": len(self.batches), "media_per_batch": list(self.batches[-1000:])}
+        """Batches encoded so far and the media in each of the latest 1000."""
+        return {"batches": self.batches, "media_per_batch": list(self.recent_batches)}
 
     async def _drain(self) -> None:
         """Encode queued media batch after batch until the queue is empty; calls that arrive meanwhile wait
@@ -103,7 +105,8 @@ class VisionEncoder:
         while self._queue:
             count = take_batch([media_frames(m) for m, _ in self._queue], self.qa.config.encode_batch_frames)
             batch, self._queue = self._queue[:count], self._queue[count:]
-            self.batches.append(count)
+            self.batches += 1
+            self.recent_batches.append(count)
             try:
                 results = await self._on_model_thread(self._encode_batch, [m for m, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the whole call failed (not one medium): each caller sees it

@@ -107,19 +107,25 @@ class FlexDecodeAttention:
     """FlexAttention over the pool itself: a block mask of each sequence's pool blocks, a mask_mod of its slots.
 
     The pool is zeroed once (``prepare``): a kernel reads whole blocks, and the never-written slots of a
-    block it visits must not hold NaNs even though they are masked (a masked NaN still poisons p @ V)."""
-
-    name = "flex"
+    block it visits must not hold NaNs even though they are masked (a masked NaN still poisons p @ V).
+    Should its very first call fail (a compiled kernel this GPU or PyTorch build lacks), it warns and decodes
+    with SDPA from then on (``name`` then says ``sdpa``); a failure after that is raised."""
 
     def __init__(self, device: torch.device) -> None:
         from torch.nn.attention.flex_attention import flex_attention
 
         self._flex: Callable = flex_attention
+        self._calls = 0
+        self._fallback: SdpaDecodeAttention | None = None  # set if the first call fails (an untested kernel)
         if device.type == "cuda":
             # dynamic: batch size and blocks per sequence change every step; one compiled kernel serves them
             self._flex = torch.compile(flex_attention, dynamic=True)
         else:  # the eager reference path is the point here (tests): no need to be told it is unfused
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+    @property
+    def name(self) -> str:
+        return "flex" if self._fallback is None else "sdpa"
 
     def prepare(self, pool: BlockManager) -> None:
         pool.keys.zero_()
@@ -128,6 +134,8 @@ class FlexDecodeAttention:
     def __call__(self, q: torch.Tensor, pool: BlockManager, slots: list[torch.Tensor], scale: float) -> torch.Tensor:
         from torch.nn.attention.flex_attention import BlockMask
 
+        if self._fallback is not None:
+            return self._fallback(q, pool, slots, scale)
         batch, num_heads, head_dim = q.shape
         block_size, total = pool.block_size, pool.keys.shape[0]
         kv_num_blocks, kv_indices, local, member = paged_membership(slots, block_size, pool.num_blocks)
@@ -141,5 +149,14 @@ class FlexDecodeAttention:
                                         seq_lengths=(1, total))
         keys = pool.keys.transpose(0, 1)[None].expand(batch, -1, -1, -1)  # (B, Hkv, slots, hd), a view
         values = pool.values.transpose(0, 1)[None].expand(batch, -1, -1, -1)
-        out = self._flex(q[:, :, None, :], keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+        try:
+            out = self._flex(q[:, :, None, :], keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+        except Exception as exc:  # noqa: BLE001 - only on the first call: a kernel this GPU or build lacks
+            if self._calls:
+                raise
+            log.warning("FlexAttention failed on its first decode (%s: %s); decoding with SDPA instead",
+                        type(exc).__name__, exc)
+            self._fallback = SdpaDecodeAttention()
+            return self._fallback(q, pool, slots, scale)
+        self._calls += 1
         return out.reshape(batch, num_heads * head_dim)
