@@ -25,6 +25,7 @@ from dymu.presets import MERGE_ORDERS, preset_keep
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PRESETS = ("off", "low", "mid", "high")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # as dymu.engine.attention.BACKENDS (that module imports torch)
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -91,8 +92,10 @@ OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_or_none(_is_int), "an integer"),
     "merge_order": (lambda v: v in MERGE_ORDERS, "one of " + ", ".join(MERGE_ORDERS)),
     "max_batch": (_int_at_least(1), "an integer >= 1 (1 = one answer at a time)"),
+    "encode_batch_frames": (_int_at_least(1), "an integer >= 1 (frames per vision-encoder batch)"),
     "kv_cache_gb": (_or_none(_number_in(0, math.inf, low_open=True)), "> 0 (GiB)"),
     "prefix_cache_gb": (_number_in(0, math.inf), ">= 0 (GiB; 0 = off)"),
+    "attention_backend": (lambda v: v in ATTENTION_BACKENDS, "one of " + ", ".join(ATTENTION_BACKENDS)),
 }
 
 
@@ -118,9 +121,15 @@ class VideoQAConfig:
     max_new_tokens / temperature / top_p: the answer; temperature 0 = greedy.
     prune: progressive pruning of visual KV entries while decoding.
     max_batch: answers the LLM writes at once (continuous batching; 1 = one after another).
+    encode_batch_frames: frames the vision encoder runs in one batch, from one video or from several queued
+        ones (the encoder worker batches the videos waiting for it up to this many frames; a longer video
+        goes alone, in chunks of this many).
     kv_cache_gb: the LLM's paged KV pool; None = 40% of the free GPU memory on CUDA, 2 GiB on CPU.
     prefix_cache_gb: how much of that pool may keep visual prefixes (prompt up to the end of the video)
         for later questions about the same video; 0 = off.
+    attention_backend: the engine's decode attention over its paged KV pool: "sdpa" (gathered entries, one
+        SDPA call), "flex" (FlexAttention on the pool with a block mask) or "auto" (flex on CUDA when
+        available, else sdpa).
     """
 
     model: str = DEFAULT_MODEL
@@ -145,8 +154,10 @@ class VideoQAConfig:
     seed: int | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
     max_batch: int = 1
+    encode_batch_frames: int = 16
     kv_cache_gb: float | None = None
     prefix_cache_gb: float = 0.5
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.thresholds, Path):

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,8 @@ from dymu.errors import DymuError
 from dymu.families import QwenVLFamily, VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
 from dymu.tokens import MergedTokens
-from dymu.visual import VisualTokenizer
+from dymu.batch_encode import attempt, encode_pending
+from dymu.visual import PendingTokens, VisualTokenizer
 from dymu.visual_qwen import QwenVisualTokenizer
 from dymu.config import VideoQAConfig, make_config
 from dymu.llm.config import GenerateConfig
@@ -100,17 +101,37 @@ class VideoQA:
 
     # --- stage 2: merged tokens ------------------------------------------------------------------------
     def encode(self, media: Media) -> MergedTokens:
+        pending = self.prepare(media)
+        return self.visual_tokenizer(media).encode_alone(pending)
+
+    def encode_many(self, media: Sequence[Media]) -> list[MergedTokens | Exception]:
+        """Tokens of several media, their frames through the vision encoder as one batch (LLaVA families in
+        chunks of ``encode_batch_frames``, Qwen-VL in one call: the caller bounds the batch, as the encoder
+        worker does); each equals ``encode`` of that medium alone, up to float rounding. A medium that fails
+        has its exception in its place; the others are unaffected."""
+        pending = [attempt(lambda m=m: self.prepare(m)) for m in media]
+        return encode_pending(self._visual, pending)
+
+    def prepare(self, media: Media) -> PendingTokens:
+        """``media``'s encoder inputs and how to finish its tokens (``dymu.visual.PendingTokens``)."""
         visual = self.visual_tokenizer(media)
         if media.kind == "image":
-            tokens = visual.encode_image(media.image)
+            pending = visual.prepare_image(media.image)
         elif isinstance(visual, QwenVisualTokenizer):
-            tokens = visual.encode_frames(media.frames, media.timestamps, media.video_metadata)
+            pending = visual.prepare_frames(media.frames, media.timestamps, media.video_metadata)
         else:
-            tokens = visual.encode_frames(media.frames, media.timestamps)
-        tokens.config_hash = self.config.encoder_fingerprint()
-        tokens.meta["seconds"]["read"] = media.read_seconds
-        tokens.meta["kind"] = media.kind
-        return tokens
+            pending = visual.prepare_frames(media.frames, media.timestamps)
+        finish = pending.finish
+
+        def stamped(encoded: list[Any], encode_seconds: float) -> MergedTokens:
+            tokens = finish(encoded, encode_seconds)
+            tokens.config_hash = self.config.encoder_fingerprint()
+            tokens.meta["seconds"]["read"] = media.read_seconds
+            tokens.meta["kind"] = media.kind
+            return tokens
+
+        pending.finish = stamped
+        return pending
 
     def visual_tokenizer(self, media: Media | None = None) -> VisualTokenizer | QwenVisualTokenizer:
         """The encoder stage, built on first use (its thresholds may be calibrated on ``media``)."""
@@ -121,7 +142,8 @@ class VideoQA:
             self._visual = qwen_visual_tokenizer(self.family, config, media)
             return self._visual
         if not config.dtome:
-            self._visual = VisualTokenizer(self.family, None, config.temporal_threshold)
+            self._visual = VisualTokenizer(self.family, None, config.temporal_threshold,
+                                           batch_size=config.encode_batch_frames)
             return self._visual
         probe = VisualTokenizer(self.family, None, config.temporal_threshold, merge_order=config.merge_order)
         keep = config.tokens_to_keep(probe.encoder.num_positions)
@@ -132,7 +154,7 @@ class VideoQA:
             pixels = self.family.frame_pixels(media.frames) if media.kind == "video" else self.family.image_pixels(media.image)[0]
             thresholds = calibrate_and_cache(config.model, probe.encoder, keep, pixels, media.source)
         self._visual = VisualTokenizer(self.family, thresholds.taus, config.temporal_threshold, config.reuse_threshold,
-                                       merge_order=config.merge_order)
+                                       batch_size=config.encode_batch_frames, merge_order=config.merge_order)
         return self._visual
 
     # --- stage 3: the answer ---------------------------------------------------------------------------
@@ -160,7 +182,7 @@ class VideoQA:
         decoder = load_decoder(self.family.model)
         kv_gb = self.config.kv_cache_gb or default_kv_cache_gb(decoder.device)
         sizes = EngineConfig(kv_cache_gb=kv_gb, prefix_cache_gb=min(self.config.prefix_cache_gb, kv_gb),
-                             max_batch=self.config.max_batch)
+                             max_batch=self.config.max_batch, attention=self.config.attention_backend)
         return Engine(decoder, self.family.tokenizer, sizes)
 
     def generate_config(self, options: dict[str, Any] | None = None) -> GenerateConfig:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,25 @@ from dymu.vision.encoder import DToMeEncoder, layers_to_run
 from dymu.vision.runner import MergedImage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingTokens:
+    """One medium between its two halves of encoding: the inputs it gives the vision encoder (``pixels``,
+    plus the Qwen-VL ``grid`` of its entries) and ``finish``, which turns the encoder's results for those
+    inputs, and the seconds the encoder spent on them, into its ``MergedTokens``. Several media's pending
+    inputs can go through the encoder together (``dymu.batch_encode``)."""
+
+    pixels: torch.Tensor
+    finish: Callable[[list[Any], float], MergedTokens]
+    grid: torch.Tensor | None = None
+    kind: str = "video"
+    seconds_per_slot: list[float] = field(default_factory=list)
+
+    @property
+    def num_inputs(self) -> int:
+        """Encoder inputs (frames, crops or grid entries), each with its own result."""
+        return int(self.pixels.shape[0] if self.grid is None else self.grid.shape[0])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -100,44 +121,78 @@ class VisualTokenizer:
         runs on those LLM-side rows, so a static region keeps one row for all frames even where DToMe grouped
         its patches a little differently from frame to frame. The model's newline ends the video.
         """
-        started = time.perf_counter()
-        pixels = self.family.frame_pixels(frames)
-        source = reused_frames(pixels, self.reuse_threshold, self.family.config.vision_config.patch_size)
-        keys = sorted(set(source))
-        encoded_keys = dict(zip(keys, self.encode_pixels(pixels[keys])))
-        images = [encoded_keys[s] for s in source]
-        _synchronize(self.device)
-        encoded = time.perf_counter()
-        frame_map = self.family.frame_map()
-        per_frame = [compose(image.to_tokens(), frame_map, self.family.project) for image in images]
-        tokens = merge_frames(per_frame, self.temporal_threshold)
-        stages = {
-            "encoded_frames": len(keys),
-            "layout_rows_per_frame": [frame.num_unique for frame in per_frame],
-            "temporal_rows_per_frame": tokens.rows_per_frame(),
-        }
-        if self.family.newline is not None:
-            tokens = append_learned_row(tokens, self.family.newline)
-        tokens.timestamps = [float(t) for t in timestamps]
-        _synchronize(self.device)
-        return self._finish(tokens, images, stages, started, encoded)
+        return self.encode_alone(self.prepare_frames(frames, timestamps))
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> MergedTokens:
         """One image (its crops, for AnyRes models) -> merged tokens in the model's image layout."""
+        return self.encode_alone(self.prepare_image(image))
+
+    @torch.no_grad()
+    def encode_alone(self, pending: PendingTokens) -> MergedTokens:
+        started = time.perf_counter()
+        images = self.encode_pending([pending])[0]
+        return pending.finish(images, time.perf_counter() - started)
+
+    def prepare_frames(self, frames: np.ndarray, timestamps: Sequence[float] = ()) -> PendingTokens:
+        """A video's frames as pixels for the encoder (frames that reuse an earlier frame's output left
+        out), and how to turn the encoder's results into the video's tokens (``PendingTokens.finish``)."""
+        started = time.perf_counter()
+        pixels = self.family.frame_pixels(frames)
+        source = reused_frames(pixels, self.reuse_threshold, self.family.config.vision_config.patch_size)
+        keys = sorted(set(source))
+
+        def finish(encoded: list[MergedImage], encode_seconds: float) -> MergedTokens:
+            by_key = dict(zip(keys, encoded))
+            images = [by_key[s] for s in source]
+            laid_out = time.perf_counter()
+            frame_map = self.family.frame_map()
+            per_frame = [compose(image.to_tokens(), frame_map, self.family.project) for image in images]
+            tokens = merge_frames(per_frame, self.temporal_threshold)
+            stages = {
+                "encoded_frames": len(keys),
+                "layout_rows_per_frame": [frame.num_unique for frame in per_frame],
+                "temporal_rows_per_frame": tokens.rows_per_frame(),
+            }
+            if self.family.newline is not None:
+                tokens = append_learned_row(tokens, self.family.newline)
+            tokens.timestamps = [float(t) for t in timestamps]
+            _synchronize(self.device)
+            return self._finish(tokens, images, stages, prepared + encode_seconds, laid_out)
+
+        prepared = time.perf_counter() - started
+        return PendingTokens(pixels[keys], finish)
+
+    def prepare_image(self, image: Image.Image) -> PendingTokens:
+        """As ``prepare_frames`` for one image (its crops are the encoder's inputs)."""
         started = time.perf_counter()
         pixels, position_map = self.family.image_pixels(image)
+
+        def finish(images: list[MergedImage], encode_seconds: float) -> MergedTokens:
+            laid_out = time.perf_counter()
+            # The crops of one image are laid out together (packing mixes them); no temporal merging.
+            tokens = compose(concatenate_frames([i.to_tokens() for i in images]), position_map, self.family.project,
+                             self.family.newline)
+            tokens.positions_per_frame = [tokens.num_positions]
+            _synchronize(self.device)
+            stages = {"encoded_frames": len(images), "layout_rows_per_frame": [tokens.num_unique],
+                      "temporal_rows_per_frame": [tokens.num_unique]}
+            return self._finish(tokens, images, stages, prepared + encode_seconds, laid_out)
+
+        prepared = time.perf_counter() - started
+        return PendingTokens(pixels, finish, kind="image")
+
+    def encode_pending(self, pending: Sequence[PendingTokens]) -> list[list[MergedImage]]:
+        """The encoder's results for several media at once: their pixels go through the encoder as one
+        packed batch (in chunks of ``batch_size`` frames, which may span media), cut back per media."""
+        pixels = torch.cat([p.pixels for p in pending]) if len(pending) > 1 else pending[0].pixels
         images = self.encode_pixels(pixels)
         _synchronize(self.device)
-        encoded = time.perf_counter()
-        # The crops of one image are laid out together (packing mixes them); no temporal merging.
-        tokens = compose(concatenate_frames([i.to_tokens() for i in images]), position_map, self.family.project,
-                         self.family.newline)
-        tokens.positions_per_frame = [tokens.num_positions]
-        _synchronize(self.device)
-        stages = {"encoded_frames": len(images), "layout_rows_per_frame": [tokens.num_unique],
-                  "temporal_rows_per_frame": [tokens.num_unique]}
-        return self._finish(tokens, images, stages, started, encoded)
+        out, start = [], 0
+        for p in pending:
+            out.append(images[start: start + p.num_inputs])
+            start += p.num_inputs
+        return out
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[MergedImage]:
         """DToMe (or the stock encoder when ``taus`` is None) on (T, 3, H, W) pixels, in batches."""
@@ -158,8 +213,8 @@ class VisualTokenizer:
         ids = torch.arange(n, device=features.device)
         return [MergedImage(f, torch.ones_like(ids), ids) for f in features]
 
-    def _finish(self, tokens: MergedTokens, images: list[MergedImage], stages: dict, started: float,
-                encoded: float) -> MergedTokens:
+    def _finish(self, tokens: MergedTokens, images: list[MergedImage], stages: dict, encode_seconds: float,
+                laid_out: float) -> MergedTokens:
         tokens.meta = {
             "frames": len(tokens.positions_per_frame),
             "stages": {
@@ -169,7 +224,7 @@ class VisualTokenizer:
                 "llm_positions": tokens.num_positions,
                 "llm_rows": tokens.num_unique,
             },
-            "seconds": {"encode": encoded - started, "layout": time.perf_counter() - encoded},
+            "seconds": {"encode": encode_seconds, "layout": time.perf_counter() - laid_out},
         }
         log.info(
             "%d frames: %d encoder tokens -> %d after DToMe -> %d LLM rows (%d after temporal merging) "

@@ -21,6 +21,7 @@ from dymu.families.qwen_vl import QwenVLFamily
 from dymu.temporal import merge_frames
 from dymu.tokens import MergedTokens
 from dymu.vision.qwen_vl import QwenDToMeEncoder
+from dymu.visual import PendingTokens
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,22 @@ class QwenVisualTokenizer:
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray, timestamps: Sequence[float] = (),
                       video_metadata: dict[str, Any] | None = None) -> MergedTokens:
+        return self.encode_alone(self.prepare_frames(frames, timestamps, video_metadata))
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> MergedTokens:
+        return self.encode_alone(self.prepare_image(image))
+
+    @torch.no_grad()
+    def encode_alone(self, pending: PendingTokens) -> MergedTokens:
+        started = time.perf_counter()
+        encoded = self.encode_pending([pending])[0]
+        return pending.finish(encoded, time.perf_counter() - started)
+
+    def prepare_frames(self, frames: np.ndarray, timestamps: Sequence[float] = (),
+                       video_metadata: dict[str, Any] | None = None) -> PendingTokens:
+        """A video's temporal slots as encoder inputs (one grid entry per slot it encodes) and how to finish
+        its tokens from their results (see ``dymu.visual.PendingTokens``)."""
         started = time.perf_counter()
         inputs = self.family.video_inputs(frames, video_metadata)
         metadata = inputs["video_metadata"]
@@ -126,32 +143,51 @@ class QwenVisualTokenizer:
         source = reused_slots(pixels, t, self.reuse_threshold)
         keys = sorted(set(source))
         slot_pixels = pixels.view(t, h * w, -1)[keys].reshape(-1, pixels.shape[-1])
-        encoded_slots = self._encode(slot_pixels, torch.tensor([[1, h, w]] * len(keys)), "video", seconds)
-        by_slot = dict(zip(keys, encoded_slots))
-        tokens = join_slots([by_slot[slot] for slot in source])
-        encoded = time.perf_counter()
-        dtome_rows = tokens.rows_per_frame()
-        tokens = temporal_merge(tokens, self.temporal_threshold)
-        tokens.timestamps = slot_seconds(metadata.timestamps, tokens.num_frames)
-        tokens.meta.update(seconds_per_slot=seconds, video_frames=len(frames), video_metadata={
-            "total_num_frames": int(metadata.total_num_frames), "fps": float(metadata.fps),
-            "frames_indices": [int(i) for i in metadata.frames_indices]})
-        tokens.meta["encoded_slots"] = len(keys)
-        return self._finish(tokens, grid, dtome_rows, started, encoded)
 
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> MergedTokens:
+        def finish(encoded_slots: list[MergedTokens], encode_seconds: float) -> MergedTokens:
+            by_slot = dict(zip(keys, encoded_slots))
+            tokens = join_slots([by_slot[slot] for slot in source])
+            laid_out = time.perf_counter()
+            dtome_rows = tokens.rows_per_frame()
+            tokens = temporal_merge(tokens, self.temporal_threshold)
+            tokens.timestamps = slot_seconds(metadata.timestamps, tokens.num_frames)
+            tokens.meta.update(seconds_per_slot=seconds, video_frames=len(frames), video_metadata={
+                "total_num_frames": int(metadata.total_num_frames), "fps": float(metadata.fps),
+                "frames_indices": [int(i) for i in metadata.frames_indices]})
+            tokens.meta["encoded_slots"] = len(keys)
+            return self._finish(tokens, grid, dtome_rows, prepared + encode_seconds, laid_out)
+
+        prepared = time.perf_counter() - started
+        return PendingTokens(slot_pixels, finish, torch.tensor([[1, h, w]] * len(keys)), "video",
+                             [seconds] * len(keys))
+
+    def prepare_image(self, image: Image.Image) -> PendingTokens:
         started = time.perf_counter()
         inputs = self.family.image_inputs(image)
         grid = inputs["image_grid_thw"]
-        tokens = self._encode(inputs["pixel_values"], grid, "image", 0.0)[0]
-        return self._finish(tokens, grid, tokens.rows_per_frame(), started, time.perf_counter())
 
-    def _encode(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str, seconds: float) -> list[MergedTokens]:
-        """One ``MergedTokens`` per grid entry."""
+        def finish(encoded: list[MergedTokens], encode_seconds: float) -> MergedTokens:
+            tokens = encoded[0]
+            return self._finish(tokens, grid, tokens.rows_per_frame(), prepared + encode_seconds, time.perf_counter())
+
+        prepared = time.perf_counter() - started
+        return PendingTokens(inputs["pixel_values"], finish, grid, "image", [0.0] * int(grid.shape[0]))
+
+    def encode_pending(self, pending: Sequence[PendingTokens]) -> list[list[MergedTokens]]:
+        """The encoder's results for several media of one kind at once: all their grid entries in one call
+        (attention never crosses an entry), one ``MergedTokens`` per entry, cut back per medium."""
+        pixels = torch.cat([p.pixels for p in pending])
+        grid = torch.cat([p.grid for p in pending])
+        seconds = [s for p in pending for s in p.seconds_per_slot]
         if self.taus is not None:
-            return self.encoder(pixels, grid, seconds_per_slot=[seconds] * len(grid))
-        return self._stock(pixels, grid, kind)
+            results = self.encoder(pixels, grid, seconds_per_slot=seconds)
+        else:
+            results = self._stock(pixels, grid, pending[0].kind)
+        out, start = [], 0
+        for p in pending:
+            out.append(results[start: start + p.num_inputs])
+            start += p.num_inputs
+        return out
 
     def _stock(self, pixels: torch.Tensor, grid: torch.Tensor, kind: str) -> list[MergedTokens]:
         """The stock features, each merger output its own row (the ``off`` path)."""
@@ -167,8 +203,8 @@ class QwenVisualTokenizer:
                                         deepstack=[tap[entry] for tap in deepstack]))
         return results
 
-    def _finish(self, tokens: MergedTokens, grid: torch.Tensor, dtome_rows: list[int], started: float,
-                encoded: float) -> MergedTokens:
+    def _finish(self, tokens: MergedTokens, grid: torch.Tensor, dtome_rows: list[int], encode_seconds: float,
+                laid_out: float) -> MergedTokens:
         t, h, w = (int(v) for v in grid[0])
         merge = self.family.vision_tower.spatial_merge_size
         tokens.meta.update(
@@ -183,7 +219,7 @@ class QwenVisualTokenizer:
                 "llm_positions": tokens.num_positions,
                 "llm_rows": tokens.num_unique,
             },
-            seconds={"encode": encoded - started, "layout": time.perf_counter() - encoded},
+            seconds={"encode": encode_seconds, "layout": time.perf_counter() - laid_out},
         )
         log.info("%d temporal slot(s) of %dx%d patches: %d LLM positions -> %d rows after DToMe -> %d after "
                  "temporal merging", t, h, w, tokens.num_positions, sum(dtome_rows), tokens.num_unique)

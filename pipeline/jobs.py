@@ -7,7 +7,8 @@
 Each job is one short, sequential function (hash -> cache lookup -> decode -> encode -> answer) run by one
 of a bounded set of driver threads. A job borrows a free actor of a stage for one call and gives it back,
 so the stages overlap across jobs: while the LLM answers job i, the encoder works on job i+1 and the
-decoders on the jobs after. The thread count bounds what is in flight: at most that many jobs hold frames
+decoders on the jobs after. The encoder and LLM workers batch: each is lent to several jobs at once and
+runs their calls together (frames of several videos in one encoder batch, answers in one engine batch). The thread count bounds what is in flight: at most that many jobs hold frames
 or tokens in Ray's object store, however long the archive. Frames and tokens travel between actors by
 reference; the driver only fetches small summaries and the answer.
 """
@@ -90,6 +91,13 @@ def plan_resources(
     return decoder, model
 
 
+def encoder_capacity(config: VideoQAConfig) -> int:
+    """Jobs one vision encoder is lent at once: two batches' worth of videos (``encode_batch_frames`` over
+    the frames a video has at most), so that the next batch has queued by the time one ends."""
+    frames = config.num_frames if config.fps is None else config.max_frames
+    return 2 * max(1, config.encode_batch_frames // max(frames, 1))
+
+
 class _Stage:
     """The actors of one stage. A job borrows a free one for a call, so no job queues behind a slow one.
     An actor that serves ``capacity`` calls at once (the LLM worker's batch) is lent that many times."""
@@ -144,8 +152,8 @@ class Pipeline:
     """Decoder, encoder, LLM and token-cache actors for one config, and the runner that feeds them.
 
     redis_url: the token cache (None: no cache). decoders / encoders / llms: actors per stage.
-    max_in_flight: jobs in the pipeline at once (default: one per decoder and encoder, ``max_batch`` per LLM
-        worker so that its batch stays full, plus two waiting their turn).
+    max_in_flight: jobs in the pipeline at once (default: one per decoder, ``encoder_capacity`` per encoder
+        and ``max_batch`` per LLM worker so that their batches stay full, plus two waiting their turn).
     model_worker_cpus: CPUs (and torch threads) per model worker; default a share of the free CPUs.
     Both model workers load the checkpoint, each in its own process. Call ``close()`` (or use ``with``).
     """
@@ -164,14 +172,16 @@ class Pipeline:
         if min(decoders, encoders, llms) < 1:
             raise DymuError("the pipeline needs at least one decoder, one encoder and one LLM worker")
         self.config = config
-        self.max_in_flight = max_in_flight or decoders + encoders + llms * config.max_batch + 2
+        encoder_jobs = encoder_capacity(config)
+        self.max_in_flight = max_in_flight or decoders + encoders * encoder_jobs + llms * config.max_batch + 2
         decoder_res, model_res = plan_resources(
             ray.cluster_resources(), ray.available_resources(), decoders, encoders + llms, model_worker_cpus)
         threads = max(1, int(model_res["num_cpus"]))
         log.info("pipeline: %d decoder(s) %s, %d encoder(s) and %d LLM worker(s) %s",
                  decoders, decoder_res, encoders, llms, model_res)
         self.decoders = _Stage([self._actor(FrameDecoder, decoder_res, config) for _ in range(decoders)])
-        self.encoders = _Stage([self._actor(VisionEncoder, model_res, config, threads) for _ in range(encoders)])
+        self.encoders = _Stage([self._actor(VisionEncoder, model_res, config, threads) for _ in range(encoders)],
+                               capacity=encoder_jobs)
         self.llms = _Stage([self._actor(LLMWorker, model_res, config, threads) for _ in range(llms)],
                            capacity=config.max_batch)
         self.cache = None

@@ -104,17 +104,21 @@ class LocalEngine:
 
 class FrameEncoder(VisionEncoder):
     """The pipeline's ``VisionEncoder`` actor plus what a feed needs: each frame encoded on its own, since
-    temporal merging happens in the feed's memory, and the model's newline row."""
+    temporal merging happens in the feed's memory, and the model's newline row. Its model work runs on the
+    encoder's model thread, in turn with any batch of ``encode`` calls."""
 
-    def encode_each(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
-        return [tokens.to("cpu") for tokens in LocalEngine(self.qa).encode_frames(images, times)]
+    async def encode_each(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
+        def run() -> list[MergedTokens]:
+            return [tokens.to("cpu") for tokens in LocalEngine(self.qa).encode_frames(images, times)]
+
+        return await self._on_model_thread(run)
 
     def newline(self) -> torch.Tensor | None:
         row = self.qa.family.newline
         return None if row is None else row.detach().cpu()
 
-    def engine_cache_settings(self) -> dict[str, Any]:
-        return LocalEngine(self.qa).cache_settings()
+    async def engine_cache_settings(self) -> dict[str, Any]:
+        return await self._on_model_thread(LocalEngine(self.qa).cache_settings)
 
 
 class RayEngine:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dymu.engine.attention import BACKENDS, make_decode_attention
 from dymu.engine.block_manager import BlockManager, blocks_for_budget
 from dymu.engine.prefix_cache import PrefixCache
 from dymu.engine.request import DECODING, PREFILLING, Request, StepOutput
@@ -40,13 +41,15 @@ class EngineConfig:
     """kv_cache_gb: the KV pool (keys + values of every layer); prefix_cache_gb: how much of it cached
     visual prefixes may hold; max_batch: most sequences running at once; block_size: entries per block;
     prefill_chunk: prompt positions prefilled per step beside the decodes (a chunk never splits a merged row,
-    so one may be longer)."""
+    so one may be longer); attention: the decode attention over the pool, "sdpa", "flex" or "auto" (flex on
+    CUDA when available, else sdpa; see ``dymu.engine.attention``)."""
 
     kv_cache_gb: float = 1.0
     prefix_cache_gb: float = 0.0
     max_batch: int = 16
     block_size: int = 16
     prefill_chunk: int = 2048
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kv_cache_gb <= 0:
@@ -57,6 +60,8 @@ class EngineConfig:
             raise DymuError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.block_size < 1 or self.prefill_chunk < 1:
             raise DymuError("block_size and prefill_chunk must be >= 1")
+        if self.attention not in BACKENDS:
+            raise DymuError(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
 
 
 class Engine:
@@ -71,6 +76,8 @@ class Engine:
         if num_blocks < d.num_layers:
             raise DymuError(f"kv_cache_gb={config.kv_cache_gb} holds less than one block per layer")
         self.pool = BlockManager(num_blocks, config.block_size, d.num_kv_heads, d.head_dim, d.device, d.dtype)
+        self.attention = make_decode_attention(config.attention, d.device)
+        self.attention.prepare(self.pool)
         prefix_blocks = min(num_blocks, blocks_for_budget(config.prefix_cache_gb, config.block_size, d.num_kv_heads,
                                                           d.head_dim, d.dtype))
         self.prefix_cache = PrefixCache(self.pool, prefix_blocks)
@@ -130,7 +137,7 @@ class Engine:
         if batch:
             started = time.perf_counter()
             freed_before = sum(r.kv.blocks_freed_by_pruning for r in batch)
-            logits = decode(self.decoder, self.pool, batch)
+            logits = decode(self.decoder, self.pool, batch, self.attention)
             _synchronize(self.decoder.device)
             seconds = time.perf_counter() - started
             self.blocks_freed_by_pruning += sum(r.kv.blocks_freed_by_pruning for r in batch) - freed_before
@@ -202,6 +209,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         pool = self.pool
         return {
+            "attention": self.attention.name,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "decoding": sum(r.status == DECODING for r in self.scheduler.running),

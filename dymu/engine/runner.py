@@ -11,6 +11,7 @@ from its own slots (padded to the longest, masked) and runs one SDPA call per la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -152,11 +153,13 @@ def batched_decode_attention(q: torch.Tensor, pool: BlockManager, slots: list[to
 
 
 @torch.no_grad()
-def decode(decoder: Decoder, pool: BlockManager, requests: list[Request]) -> torch.Tensor:
+def decode(decoder: Decoder, pool: BlockManager, requests: list[Request],
+           attention: Callable[..., torch.Tensor] = batched_decode_attention) -> torch.Tensor:
     """Feed every request's last picked token at its next position; return next-token logits (B, V).
 
     Each request's pruner (if any) reads the attention at its probe layer on the steps it asks for and may
-    compact the layers after it before they run.
+    compact the layers after it before they run. ``attention``: the decode attention over the pool
+    (``dymu.engine.attention``; default the gathered SDPA above).
     """
     device = decoder.device
     ids = torch.tensor([r.tokens[-1] for r in requests], device=device)
@@ -177,6 +180,6 @@ def decode(decoder: Decoder, pool: BlockManager, requests: list[Request]) -> tor
                 keys = pool.keys.index_select(0, r.kv.layers[i].slots).transpose(0, 1)
                 weights = attention_probs(q[b: b + 1], keys, scale).mean(dim=(0, 1))
                 pruner.observe(step, weights, r.kv)
-        out = batched_decode_attention(q, pool, [r.kv.layers[i].slots for r in requests], scale)
+        out = attention(q, pool, [r.kv.layers[i].slots for r in requests], scale)
         h = finish_layer(layer, h, out)
     return next_token_logits(decoder, h)

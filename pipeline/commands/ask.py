@@ -31,6 +31,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", dest="num_frames", type=int, help="frames sampled uniformly from a video (default 8)")
     g.add_argument("--fps", type=float, help="sample frames at this rate instead (capped by --max-frames)")
     g.add_argument("--max-frames", type=int, help="never sample more than this many frames (default 64)")
+    g.add_argument("--encode-batch-frames", type=int, metavar="N",
+                   help="frames the vision encoder runs in one batch, from one video or several queued ones "
+                        "(default 16)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
 
@@ -48,13 +51,16 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache-gb", type=float,
                    help="part of the KV pool kept for videos' visual prefixes, so a second question about a "
                         "video prefills only its own words (default 0.5; 0 = off)")
+    g.add_argument("--attention-backend", choices=("auto", "sdpa", "flex"),
+                   help="the LLM engine's decode attention: sdpa (gathered KV + SDPA), flex (FlexAttention on the "
+                        "paged KV pool) or auto (default: flex on CUDA when available, else sdpa)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The CLI flags as config overrides (None = not given, so the preset or file decides)."""
     names = ("model", "revision", "thresholds", "keep", "merge_order", "temporal_threshold", "vtu", "num_frames", "fps",
              "max_frames", "device", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "max_batch",
-             "kv_cache_gb", "prefix_cache_gb")
+             "kv_cache_gb", "prefix_cache_gb", "encode_batch_frames", "attention_backend")
     overrides = {name: getattr(args, name, None) for name in names}
     if getattr(args, "prune_enabled", None) is False:
         overrides["prune"] = {"enabled": False}

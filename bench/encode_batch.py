@@ -1,0 +1,140 @@
+"""Benchmark: the vision encoder on several queued videos, one at a time against batched across videos.
+
+On a small random-weight LLaVA-OneVision (bench/pipeline.py's proportions: SigLIP-so400m and Qwen2-0.5B
+scaled down about 3.5x) at preset ``mid``, it encodes ``--videos`` different videos of ``--frames`` frames
+(distinct content, so DToMe keeps different token counts per frame) two ways:
+
+- alone: ``VideoQA.encode`` on each video in turn (what the encoder worker did before batching);
+- batched: ``VideoQA.encode_many`` on the queue, taken ``--batch-frames`` frames at a time as the encoder
+  worker takes it (``dymu.batch_encode.take_batch``).
+
+Rounds alternate alone / batched; it reports videos/s of each and the median and min of the per-round ratios
+(batched / alone), and checks every video's tokens match (same rows, embeddings within 1e-4).
+
+    python bench/encode_batch.py                                   # 8 videos x 4 frames, batches of 16 frames
+    python bench/encode_batch.py --batch-frames 8 16 32 --rounds 3
+    python bench/encode_batch.py --device cuda --dtype bfloat16 --full-size   # SigLIP-so400m-sized, on a GPU
+
+A CPU gains little from a batch (each frame's matrices are already large); a GPU at batch 1 mostly waits on
+kernel launches and weight reads, which a batch shares. Read the ratio of the device you run on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from dymu.batch_encode import take_batch  # noqa: E402
+from dymu.tiny import TinySizes, make_tiny_checkpoint  # noqa: E402
+from dymu.videoqa import Media, VideoQA  # noqa: E402
+
+log = logging.getLogger("bench.encode_batch")
+
+SMALL = TinySizes(vision_width=320, vision_layers=8, vision_heads=5, text_width=256, text_layers=2,
+                  text_heads=4, text_kv_heads=2, vocab_size=512)
+# SigLIP-so400m's encoder (the decoder stays small: only the encoder runs here).
+FULL = TinySizes(vision_width=1152, vision_layers=27, vision_heads=16, vision_mlp=4304, text_width=256,
+                 text_layers=2, text_heads=4, text_kv_heads=2, vocab_size=512)
+
+
+def scene(num_frames: int, size: int, seed: int) -> np.ndarray:
+    """Frames of a slowly moving textured scene: smooth regions DToMe merges and edges it keeps."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(6, 6, 3)).astype(np.float32)
+    ys, xs = np.mgrid[0:size, 0:size] / size * 5
+    frames = []
+    for t in range(num_frames):
+        y0, x0 = ys + 0.1 * t, xs + 0.05 * t
+        iy, ix = np.clip(y0.astype(int), 0, 5), np.clip(x0.astype(int), 0, 5)
+        frame = coarse[iy, ix] + rng.normal(0, 2, size=(size, size, 3))
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def encode_alone(qa: VideoQA, media: list[Media]) -> list:
+    return [qa.encode(m) for m in media]
+
+
+def encode_batched(qa: VideoQA, media: list[Media], batch_frames: int) -> list:
+    out, queue = [], list(media)
+    while queue:
+        count = take_batch([len(m.frames) for m in queue], batch_frames)
+        out.extend(qa.encode_many(queue[:count]))
+        queue = queue[count:]
+    return out
+
+
+def timed(fn, device: torch.device) -> tuple[float, list]:
+    started = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, result
+
+
+def same_tokens(a: list, b: list) -> bool:
+    return all(torch.equal(x.mapping, y.mapping) and torch.allclose(x.embeds.float(), y.embeds.float(), atol=1e-4)
+               for x, y in zip(a, b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--size", type=int, default=160, help="source frame side in pixels")
+    parser.add_argument("--batch-frames", type=int, nargs="+", default=[16])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full-size", action="store_true", help="a SigLIP-so400m-sized encoder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as root:
+        import os
+
+        os.environ["DYMU_CACHE"] = str(Path(root) / "cache")  # thresholds calibrated here stay here
+        model = make_tiny_checkpoint(Path(root) / "model", "llava-onevision", seed=0,
+                                     sizes=FULL if args.full_size else SMALL)
+        media = [Media(f"v{i}", "video", frames=scene(args.frames, args.size, i),
+                       timestamps=[0.5 * t for t in range(args.frames)]) for i in range(args.videos)]
+        rows = []
+        for batch_frames in args.batch_frames:
+            qa = VideoQA.from_pretrained(str(model), preset="mid", device=args.device, dtype=args.dtype,
+                                         encode_batch_frames=batch_frames)
+            reference = encode_alone(qa, media)  # warm-up, and thresholds calibrated on the first video
+            alone_times, batched_times, ratios, agree = [], [], [], True
+            for _ in range(args.rounds):
+                alone_s, alone = timed(lambda: encode_alone(qa, media), device)
+                batched_s, batched = timed(lambda: encode_batched(qa, media, batch_frames), device)
+                agree = agree and same_tokens(alone, reference) and same_tokens(batched, reference)
+                alone_times.append(alone_s)
+                batched_times.append(batched_s)
+                ratios.append(alone_s / batched_s)
+                log.warning("batch %d frames: alone %.2fs, batched %.2fs (%.2fx)", batch_frames, alone_s, batched_s,
+                            alone_s / batched_s)
+            tokens = sum(sum(t.meta["stages"]["dtome_tokens_per_frame"]) for t in reference)
+            rows.append((batch_frames, args.videos / min(alone_times), args.videos / min(batched_times),
+                         statistics.median(ratios), min(ratios), tokens / (args.videos * args.frames), agree))
+    print(f"\n{args.videos} videos x {args.frames} frames, preset mid, {'full-size' if args.full_size else 'small'} "
+          f"encoder, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
+    print("| batch frames | alone videos/s | batched videos/s | speed-up median | min | DToMe tokens/frame | tokens equal |")
+    print("|---|---|---|---|---|---|---|")
+    for b, alone, batched, median, low, per_frame, agree in rows:
+        print(f"| {b} | {alone:.2f} | {batched:.2f} | {median:.2f}x | {low:.2f}x | {per_frame:.0f} | {agree} |")
+
+
+if __name__ == "__main__":
+    main()
