@@ -113,7 +113,7 @@ def main() -> None:
     for r in results:
         rep = r["report"]
         t, s, llm = rep["tokens"], rep["seconds"], rep["llm"]
-        per_frame = sum(t["dtome_per_frame"]) / rep["frames"]
+        per_frame = sum(t["dtome_per_frame"]) / rep["slots"]  # per encoder unit (Qwen-VL: temporal slot)
         ratio = f"{r['total'] / base:.2f}" if base else "-"
         fidelity = f"{kl(reference, r['logits']):.4f}" if reference is not None else "-"
         print(f"| {r['preset']} | {per_frame:.0f} of {t['encoder_per_frame']} | {sum(t['temporal_new_per_frame'])} "

@@ -13,6 +13,10 @@ frame's contribution, and a shared row's contributions are alike by construction
 threshold). ``assemble`` gives the window as one ``MergedTokens`` for the LLM: frames in order, then the
 model's learned newline.
 
+Qwen-VL encodes two frames per temporal slot: there a memory "frame" is one slot, its record keeps both
+frames' times (``frame_times``), and the slots' DeepStack rows (Qwen3-VL) follow every merge and eviction
+of the rows they go with.
+
 Functions are pure (a ``TokenMemory`` is never changed in place), over tensors on the frames' own device.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from dymu.layout import append_learned_row
-from dymu.temporal import absorb, match_previous
+from dymu.temporal import absorb_rows, match_previous
 from dymu.tokens import InvalidTokens, MergedTokens
 
 
@@ -36,6 +40,16 @@ class FrameRecord:
     rows: int  # rows it had on its own (after DToMe and the layout)
     new_rows: int  # rows it added to memory; the others joined rows already there
     meta: dict[str, Any] = field(default_factory=dict)
+    frame_times: tuple[float, ...] = ()  # a temporal slot's frames (Qwen-VL); empty: one frame at ``time``
+
+    @property
+    def start(self) -> float:
+        """Time of its oldest frame."""
+        return self.frame_times[0] if self.frame_times else self.time
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_times) or 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class TokenMemory:
     embeds: (U, D) running means, in at least float32 (cast back to ``dtype`` by ``assemble``).
     sizes: (U,) positions each row stands for, over the frames in memory.
     mapping: (N,) the row standing for each position, frame after frame.
+    deepstack: Qwen3-VL's DeepStack rows, one (U, D') running mean per tap, rows as ``embeds``.
     """
 
     embeds: torch.Tensor
@@ -53,6 +68,7 @@ class TokenMemory:
     frames: tuple[FrameRecord, ...]
     dtype: torch.dtype
     config_hash: str = ""
+    deepstack: tuple[torch.Tensor, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -67,8 +83,13 @@ class TokenMemory:
         return len(self.frames)
 
     @property
+    def sampled_frames(self) -> int:
+        """Frames sampled from the feed that the memory holds (``num_frames`` counts Qwen-VL's slots once)."""
+        return sum(frame.num_frames for frame in self.frames)
+
+    @property
     def start(self) -> float:
-        return self.frames[0].time
+        return self.frames[0].start
 
     @property
     def end(self) -> float:
@@ -89,9 +110,11 @@ def append_frame(memory: TokenMemory | None, frame: MergedTokens, threshold: flo
         raise InvalidTokens("a live frame must be one frame's tokens with its timestamp")
     if memory is None:
         work_dtype = torch.promote_types(frame.embeds.dtype, torch.float32)  # running means in at least fp32
-        record = FrameRecord(frame.timestamps[0], frame.num_positions, frame.num_unique, frame.num_unique, dict(frame.meta))
-        return TokenMemory(frame.embeds.to(work_dtype), frame.sizes.clone(), frame.mapping.clone(), (record,),
-                           frame.embeds.dtype, frame.config_hash)
+        return TokenMemory(frame.embeds.to(work_dtype), frame.sizes.clone(), frame.mapping.clone(),
+                           (frame_record(frame, frame.num_unique),), frame.embeds.dtype, frame.config_hash,
+                           tuple(d.to(work_dtype) for d in frame.deepstack))
+    if len(frame.deepstack) != len(memory.deepstack):
+        raise InvalidTokens(f"frame has {len(frame.deepstack)} DeepStack taps, memory {len(memory.deepstack)}")
     if frame.config_hash != memory.config_hash:
         raise InvalidTokens(f"frame made with another config ({frame.config_hash!r}, memory {memory.config_hash!r})")
     if frame.embeds.shape[1] != memory.embeds.shape[1]:
@@ -101,6 +124,7 @@ def append_frame(memory: TokenMemory | None, frame: MergedTokens, threshold: flo
 
     device, work_dtype = memory.embeds.device, memory.embeds.dtype
     new_embeds = frame.embeds.to(device, work_dtype)
+    new_deep = [d.to(device, work_dtype) for d in frame.deepstack]
     new_sizes = frame.sizes.to(device)
     local_mapping = frame.mapping.to(device)
     target = torch.full((frame.num_unique,), -1, dtype=torch.long, device=device)
@@ -109,21 +133,29 @@ def append_frame(memory: TokenMemory | None, frame: MergedTokens, threshold: flo
         score, best = match_previous(memory.embeds[prev_rows], prev_local, new_embeds, local_mapping, spatial)
         target = torch.where(score > threshold, prev_rows[best], target)
 
-    embeds, sizes = memory.embeds.clone(), memory.sizes.clone()
+    tables = [memory.embeds.clone(), *(d.clone() for d in memory.deepstack)]
+    sizes = memory.sizes.clone()
     merged = target >= 0
-    absorb(embeds, sizes, target[merged], new_embeds[merged], new_sizes[merged])
+    absorb_rows(tables, sizes, target[merged], [t[merged] for t in [new_embeds, *new_deep]], new_sizes[merged])
 
     kept = ~merged
     num_kept = int(kept.sum())
     target = torch.where(kept, memory.num_rows + torch.cumsum(kept, 0) - 1, target)
-    record = FrameRecord(frame.timestamps[0], frame.num_positions, frame.num_unique, num_kept, dict(frame.meta))
+    embeds, *deepstack = [torch.cat([table, new[kept]]) for table, new in zip(tables, [new_embeds, *new_deep])]
     return replace(
         memory,
-        embeds=torch.cat([embeds, new_embeds[kept]]),
+        embeds=embeds,
         sizes=torch.cat([sizes, new_sizes[kept]]),
         mapping=torch.cat([memory.mapping, target[local_mapping]]),
-        frames=memory.frames + (record,),
+        frames=memory.frames + (frame_record(frame, num_kept),),
+        deepstack=tuple(deepstack),
     )
+
+
+def frame_record(frame: MergedTokens, new_rows: int) -> FrameRecord:
+    """The record of one frame's (or temporal slot's) tokens; a slot's ``meta["frame_times"]`` are its frames'."""
+    return FrameRecord(frame.timestamps[0], frame.num_positions, frame.num_unique, new_rows, dict(frame.meta),
+                       tuple(frame.meta.get("frame_times", ())))
 
 
 def rows_from_frame(memory: TokenMemory) -> torch.Tensor:
@@ -140,13 +172,15 @@ def frames_to_drop(
     memory: TokenMemory, since: float | None = None, max_frames: int | None = None, max_rows: int | None = None
 ) -> int:
     """How many of the oldest frames to drop so that the rest are at ``since`` or later, at most
-    ``max_frames`` frames and at most ``max_rows`` rows. The newest frame always stays."""
-    times = torch.tensor([frame.time for frame in memory.frames], dtype=torch.float64)
+    ``max_frames`` frames and at most ``max_rows`` rows. The newest frame always stays. (A temporal slot is
+    dropped whole: it starts at its first frame and counts its frames.)"""
+    starts = torch.tensor([frame.start for frame in memory.frames], dtype=torch.float64)
     fits = torch.ones(memory.num_frames, dtype=torch.bool)  # fits[k]: keeping frames k.. meets every limit
     if since is not None:
-        fits &= times >= since
+        fits &= starts >= since
     if max_frames is not None:
-        fits &= torch.arange(memory.num_frames) >= memory.num_frames - max_frames
+        counts = torch.tensor([frame.num_frames for frame in memory.frames])
+        fits &= counts.flip(0).cumsum(0).flip(0) <= max_frames  # frames from record k on
     if max_rows is not None:
         fits &= rows_from_frame(memory).cpu() <= max_rows
     # Every limit is monotone in k, so the first k that fits is the fewest frames to drop.
@@ -172,6 +206,7 @@ def drop_oldest(memory: TokenMemory, count: int) -> TokenMemory:
         sizes=torch.bincount(mapping, minlength=int(used.sum())).to(memory.sizes.dtype),
         mapping=mapping,
         frames=memory.frames[count:],
+        deepstack=tuple(d[used] for d in memory.deepstack),
     )
 
 
@@ -192,6 +227,7 @@ def assemble(memory: TokenMemory, newline: torch.Tensor | None = None, meta: dic
         timestamps=[frame.time for frame in memory.frames],
         config_hash=memory.config_hash,
         meta=dict(meta or {}),
+        deepstack=[d.to(memory.dtype) for d in memory.deepstack],
     )
     return append_learned_row(tokens, newline) if newline is not None else tokens
 

@@ -72,11 +72,21 @@ def absorb(
     embeds[rows] = total / sizes[rows].to(embeds.dtype).unsqueeze(1)
 
 
+def absorb_rows(tables: Sequence[torch.Tensor], sizes: torch.Tensor, target: torch.Tensor,
+                new_tables: Sequence[torch.Tensor], new_sizes: torch.Tensor) -> None:
+    """``absorb`` for several tables whose rows share ``sizes`` (the embeddings, then Qwen3-VL's DeepStack
+    rows): each table takes the same size-weighted means; sizes add once."""
+    for table, new in zip(tables[1:], new_tables[1:]):
+        absorb(table, sizes.clone(), target, new, new_sizes)
+    absorb(tables[0], sizes, target, new_tables[0], new_sizes)
+
+
 def merge_frames(frames: Sequence[MergedTokens], threshold: float, spatial: bool = True) -> MergedTokens:
     """Merge a video's per-frame tokens across time into one ``MergedTokens`` over all frames' positions.
 
     ``frames[f]`` holds one frame (its mapping covers that frame's positions); in the result, frame ``f``'s
-    positions come after those of frames ``< f``. See the module docstring for the matching rule.
+    positions come after those of frames ``< f``. DeepStack rows (Qwen3-VL) follow the same merges. See the
+    module docstring for the matching rule.
     """
     _check_frames(frames)
     if threshold >= 1.0 or len(frames) == 1:
@@ -87,12 +97,14 @@ def merge_frames(frames: Sequence[MergedTokens], threshold: float, spatial: bool
     work_dtype = torch.promote_types(out_dtype, torch.float32)  # running means in at least fp32
     total_rows = sum(frame.num_unique for frame in frames)
     embeds = torch.empty(total_rows, first.embeds.shape[1], dtype=work_dtype, device=device)
+    deepstack = [torch.empty(total_rows, d.shape[1], dtype=work_dtype, device=device) for d in first.deepstack]
     sizes = torch.zeros(total_rows, dtype=first.sizes.dtype, device=device)
     used = 0
     mappings: list[torch.Tensor] = []
     prev_mapping = None  # (P_{f-1},) rows of the output standing for the previous frame's positions
     for frame in frames:
         new_embeds = frame.embeds.to(device=device, dtype=work_dtype)
+        new_deep = [d.to(device=device, dtype=work_dtype) for d in frame.deepstack]
         new_sizes = frame.sizes.to(device)
         local_mapping = frame.mapping.to(device)
         target = torch.full((frame.num_unique,), -1, dtype=torch.long, device=device)
@@ -102,19 +114,24 @@ def merge_frames(frames: Sequence[MergedTokens], threshold: float, spatial: bool
             target = torch.where(score > threshold, prev_rows[best], target)
 
         merged = target >= 0
-        absorb(embeds, sizes, target[merged], new_embeds[merged], new_sizes[merged])
+        absorb_rows([embeds, *deepstack], sizes, target[merged], [t[merged] for t in [new_embeds, *new_deep]],
+                    new_sizes[merged])
 
         kept = ~merged
         num_kept = int(kept.sum())
         target = torch.where(kept, used + torch.cumsum(kept, 0) - 1, target)
         embeds[used : used + num_kept] = new_embeds[kept]
+        for table, new in zip(deepstack, new_deep):
+            table[used : used + num_kept] = new[kept]
         sizes[used : used + num_kept] = new_sizes[kept]
         used += num_kept
         prev_mapping = target[local_mapping]
         mappings.append(prev_mapping)
 
     log.debug("temporal merging at %.3f: %d rows -> %d", threshold, total_rows, used)
-    return _assemble(frames, embeds[:used].to(out_dtype), sizes[:used], torch.cat(mappings), threshold)
+    tokens = _assemble(frames, embeds[:used].to(out_dtype), sizes[:used], torch.cat(mappings), threshold)
+    tokens.deepstack = [d[:used].to(first.deepstack[i].dtype) for i, d in enumerate(deepstack)]
+    return tokens
 
 
 def concatenate_frames(frames: Sequence[MergedTokens], threshold: float = 1.0) -> MergedTokens:
@@ -125,7 +142,10 @@ def concatenate_frames(frames: Sequence[MergedTokens], threshold: float = 1.0) -
     mapping = torch.cat([frame.mapping.to(device) + offset for frame, offset in zip(frames, offsets)])
     embeds = torch.cat([frame.embeds.to(device) for frame in frames])
     sizes = torch.cat([frame.sizes.to(device) for frame in frames])
-    return _assemble(frames, embeds, sizes, mapping, threshold)
+    tokens = _assemble(frames, embeds, sizes, mapping, threshold)
+    tokens.deepstack = [torch.cat([frame.deepstack[i].to(device) for frame in frames])
+                        for i in range(len(frames[0].deepstack))]
+    return tokens
 
 
 def calibrate_temporal_threshold(
@@ -199,6 +219,9 @@ def _check_frames(frames: Sequence[MergedTokens]) -> None:
             raise InvalidTokens(f"frame {index}: embedding width {frame.embeds.shape[1]} differs from frame 0's")
         if frame.config_hash != frames[0].config_hash:
             raise InvalidTokens(f"frame {index}: made with another config ({frame.config_hash!r})")
+        if len(frame.deepstack) != len(frames[0].deepstack):
+            raise InvalidTokens(f"frame {index}: {len(frame.deepstack)} DeepStack taps, frame 0 has "
+                                f"{len(frames[0].deepstack)}")
 
 
 def _assemble(

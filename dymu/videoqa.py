@@ -277,10 +277,13 @@ def build_report(config: VideoQAConfig, tokens: MergedTokens, generation, prefix
         "preset": config.preset,
         "kind": tokens.meta.get("kind", "video"),
         "frames": tokens.meta["frames"],
+        # The encoder's units, which the per-frame token counts below are of: the frames, or Qwen-VL's
+        # temporal slots (two frames each).
+        "slots": tokens.meta.get("slots", tokens.meta["frames"]),
         "timestamps": tokens.timestamps,
         "tokens": {
             "encoder_per_frame": stages["encoder_tokens_per_frame"],
-            "encoded_frames": stages.get("encoded_frames", tokens.meta["frames"]),
+            "encoded_frames": stages.get("encoded_frames", tokens.meta.get("slots", tokens.meta["frames"])),
             "dtome_per_frame": dtome,
             "llm_rows_per_frame": stages["layout_rows_per_frame"],
             "temporal_new_per_frame": temporal,
@@ -304,15 +307,17 @@ def build_report(config: VideoQAConfig, tokens: MergedTokens, generation, prefix
 def format_report(report: dict[str, Any]) -> str:
     """The short human-readable report printed after a streamed answer."""
     t, llm, s = report["tokens"], report["llm"], report["seconds"]
-    frames = report["frames"]
+    frames, slots = report["frames"], report.get("slots", report["frames"])
+    unit = "frame" if slots == frames else "slot"
     dtome = t["dtome_per_frame"]
     temporal = t["temporal_new_per_frame"]
-    encoder_total = t["encoder_per_frame"] * frames
+    encoder_total = t["encoder_per_frame"] * slots
+    sampled = f"{frames} frame(s) sampled" + ("" if slots == frames else f" in {slots} temporal slots")
     lines = [
-        f"{report['kind']}: {frames} frame(s) sampled ({t['encoded_frames']} run through the encoder),"
+        f"{report['kind']}: {sampled} ({t['encoded_frames']} {unit}(s) run through the encoder),"
         f" preset {report['preset']}",
-        f"visual tokens: {encoder_total} from the encoder ({t['encoder_per_frame']}/frame)"
-        f" -> {sum(dtome)} after DToMe ({sum(dtome) / frames:.0f}/frame)"
+        f"visual tokens: {encoder_total} from the encoder ({t['encoder_per_frame']}/{unit})"
+        f" -> {sum(dtome)} after DToMe ({sum(dtome) / slots:.0f}/{unit})"
         f" -> {sum(t['llm_rows_per_frame'])} LLM rows after projector and pooling"
         f" -> {sum(temporal)} after temporal merging",
         f"LLM: {llm['virtual_length']} virtual positions, {llm['rows_fed']} rows fed"

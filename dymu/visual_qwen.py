@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,27 +34,17 @@ def slot_seconds(frame_seconds: Sequence[float], slots: int) -> list[float]:
 
 
 def split_slots(tokens: MergedTokens) -> list[MergedTokens]:
-    """One ``MergedTokens`` per temporal slot (a slot's rows are contiguous and never span two slots)."""
+    """One ``MergedTokens`` per temporal slot (a slot's rows are contiguous and never span two slots), with
+    its DeepStack rows and its timestamp if ``tokens`` has them."""
     slots, row, position = [], 0, 0
-    for count in tokens.positions_per_frame:
+    for index, count in enumerate(tokens.positions_per_frame):
         mapping = tokens.mapping[position: position + count] - row
-        rows = int(mapping.max()) + 1
-        slots.append(MergedTokens(tokens.embeds[row: row + rows], tokens.sizes[row: row + rows], mapping, [count]))
-        row, position = row + rows, position + count
+        rows = slice(row, row + int(mapping.max()) + 1)
+        slots.append(MergedTokens(tokens.embeds[rows], tokens.sizes[rows], mapping, [count],
+                                  timestamps=tokens.timestamps[index: index + 1], config_hash=tokens.config_hash,
+                                  deepstack=[d[rows] for d in tokens.deepstack]))
+        row, position = rows.stop, position + count
     return slots
-
-
-def follow_merge(features: torch.Tensor, sizes: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                 rows_after: int) -> torch.Tensor:
-    """Rows (U, D) of ``features`` over mapping ``before`` carried to mapping ``after`` (a coarser partition of
-    the same positions): each new row is the size-weighted mean of the old rows it absorbed."""
-    target = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
-    target[before] = after  # every position of an old row lands in the same new row
-    weights = sizes.to(torch.float32)[:, None]
-    total = torch.zeros(rows_after, features.shape[1], device=features.device).index_add_(
-        0, target, features.float() * weights)
-    count = torch.zeros(rows_after, 1, device=features.device).index_add_(0, target, weights)
-    return (total / count).to(features.dtype)
 
 
 def temporal_merge(tokens: MergedTokens, threshold: float) -> MergedTokens:
@@ -61,8 +52,6 @@ def temporal_merge(tokens: MergedTokens, threshold: float) -> MergedTokens:
     if threshold >= 1.0 or tokens.num_frames < 2:
         return tokens
     merged = merge_frames(split_slots(tokens), threshold)
-    merged.deepstack = [follow_merge(d, tokens.sizes, tokens.mapping, merged.mapping, merged.num_unique)
-                        for d in tokens.deepstack]
     merged.timestamps, merged.meta = list(tokens.timestamps), dict(tokens.meta)
     return merged.validate()
 
@@ -134,15 +123,9 @@ class QwenVisualTokenizer:
         """A video's temporal slots as encoder inputs (one grid entry per slot it encodes) and how to finish
         its tokens from their results (see ``dymu.visual.PendingTokens``)."""
         started = time.perf_counter()
-        inputs = self.family.video_inputs(frames, video_metadata)
+        inputs, source, keys, pending = self._prepare_slots(frames, video_metadata)
         metadata = inputs["video_metadata"]
-        seconds = self.family.seconds_per_slot(metadata)
         grid = inputs["video_grid_thw"]
-        pixels = inputs["pixel_values_videos"]
-        t, h, w = (int(v) for v in grid[0])
-        source = reused_slots(pixels, t, self.reuse_threshold)
-        keys = sorted(set(source))
-        slot_pixels = pixels.view(t, h * w, -1)[keys].reshape(-1, pixels.shape[-1])
 
         def finish(encoded_slots: list[MergedTokens], encode_seconds: float) -> MergedTokens:
             by_slot = dict(zip(keys, encoded_slots))
@@ -151,15 +134,41 @@ class QwenVisualTokenizer:
             dtome_rows = tokens.rows_per_frame()
             tokens = temporal_merge(tokens, self.temporal_threshold)
             tokens.timestamps = slot_seconds(metadata.timestamps, tokens.num_frames)
-            tokens.meta.update(seconds_per_slot=seconds, video_frames=len(frames), video_metadata={
-                "total_num_frames": int(metadata.total_num_frames), "fps": float(metadata.fps),
-                "frames_indices": [int(i) for i in metadata.frames_indices]})
+            tokens.meta.update(seconds_per_slot=pending.seconds_per_slot[0], video_frames=len(frames),
+                               video_metadata={"total_num_frames": int(metadata.total_num_frames),
+                                               "fps": float(metadata.fps),
+                                               "frames_indices": [int(i) for i in metadata.frames_indices]})
             tokens.meta["encoded_slots"] = len(keys)
             return self._finish(tokens, grid, dtome_rows, prepared + encode_seconds, laid_out)
 
         prepared = time.perf_counter() - started
-        return PendingTokens(slot_pixels, finish, torch.tensor([[1, h, w]] * len(keys)), "video",
-                             [seconds] * len(keys))
+        pending.finish = finish
+        return pending
+
+    @torch.no_grad()
+    def encode_slots(self, frames: np.ndarray) -> list[MergedTokens]:
+        """A live feed's frames (T, H, W, 3), two per temporal slot (an odd last one repeated, as the processor
+        does) -> one ``MergedTokens`` per slot with its DeepStack rows and ``meta["grid_thw"]`` [1, h, w];
+        nothing merged across slots (the feed's memory does that)."""
+        inputs, source, keys, pending = self._prepare_slots(frames, None)
+        by_slot = dict(zip(keys, self.encode_pending([pending])[0]))
+        _, h, w = (int(v) for v in inputs["video_grid_thw"][0])
+        return [replace(by_slot[slot], meta={"grid_thw": [1, h, w]}) for slot in source]  # reused: shared rows
+
+    def _prepare_slots(self, frames: np.ndarray, video_metadata: dict[str, Any] | None
+                       ) -> tuple[dict[str, Any], list[int], list[int], PendingTokens]:
+        """The processor's outputs of a video, for each temporal slot the slot whose encoding it uses (a slot
+        whose patches did not change reuses the last encoded one), the slots to encode, and their inputs."""
+        inputs = self.family.video_inputs(frames, video_metadata)
+        seconds = self.family.seconds_per_slot(inputs["video_metadata"])
+        pixels = inputs["pixel_values_videos"]
+        t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
+        source = reused_slots(pixels, t, self.reuse_threshold)
+        keys = sorted(set(source))
+        slot_pixels = pixels.view(t, h * w, -1)[keys].reshape(-1, pixels.shape[-1])
+        pending = PendingTokens(slot_pixels, None, torch.tensor([[1, h, w]] * len(keys)), "video",
+                                [seconds] * len(keys))
+        return inputs, source, keys, pending
 
     def prepare_image(self, image: Image.Image) -> PendingTokens:
         started = time.perf_counter()
@@ -208,7 +217,8 @@ class QwenVisualTokenizer:
         t, h, w = (int(v) for v in grid[0])
         merge = self.family.vision_tower.spatial_merge_size
         tokens.meta.update(
-            frames=t,
+            frames=tokens.meta.get("video_frames", t),  # frames sampled (an image: 1), two per temporal slot
+            slots=t,
             grid_thw=[t, h, w],
             stages={
                 "encoder_tokens_per_frame": h * w,  # patches per temporal slot, before the 2x2 merger
@@ -224,3 +234,45 @@ class QwenVisualTokenizer:
         log.info("%d temporal slot(s) of %dx%d patches: %d LLM positions -> %d rows after DToMe -> %d after "
                  "temporal merging", t, h, w, tokens.num_positions, sum(dtome_rows), tokens.num_unique)
         return tokens
+
+
+# --- live feeds -----------------------------------------------------------------------------------------
+def feed_slots(visual: QwenVisualTokenizer, images: Sequence[np.ndarray], times: Sequence[float],
+               config_hash: str) -> list[MergedTokens]:
+    """A live feed's frames (H, W, 3) uint8 at ``times`` -> one ``MergedTokens`` per temporal slot of two
+    consecutive frames, for the feed's memory (``dymu.memory``): stamped with its newer frame's time, its
+    frames' times in ``meta["frame_times"]`` and its grid in ``meta["grid_thw"]``. Frames are paired in
+    runs of one size (a feed's size can change when it reconnects); a run's odd last frame makes a slot of
+    its own, repeated as the processor does."""
+    runs: list[list[int]] = []
+    for index, image in enumerate(images):
+        if runs and image.shape == images[runs[-1][0]].shape:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    slots = []
+    per_slot = visual.family.processor.video_processor.temporal_patch_size
+    merge = visual.family.vision_tower.spatial_merge_size
+    for run in runs:
+        encoded = visual.encode_slots(np.stack([images[i] for i in run]))
+        for slot, first in zip(encoded, range(0, len(run), per_slot)):
+            frame_times = [float(times[i]) for i in run[first: first + per_slot]]
+            _, h, w = slot.meta["grid_thw"]
+            slot.timestamps, slot.config_hash = [frame_times[-1]], config_hash
+            slot.meta.update(frame_times=frame_times, encoder_tokens=h * w,
+                             dtome_tokens=slot.num_unique * merge * merge)
+            slots.append(slot.validate())
+    return slots
+
+
+def feed_video_metadata(frame_times: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The ``video_metadata`` of a feed's window of temporal slots (each slot's frame times, oldest first),
+    which the prompt (Qwen3-VL's text timestamps) and the seconds per slot (Qwen2.5-VL's M-RoPE time axis)
+    are computed from as for a file: frames counted in milliseconds from the window's first frame, a slot
+    of one frame repeating it as the processor does, and the clip lasting one mean frame interval past its
+    last frame (so that the processor's sampled fps is the feed's)."""
+    first = frame_times[0][0]
+    indices = [round((t - first) * 1000) for times in frame_times for t in (times[0], times[-1])]
+    last = indices[-1]
+    total = round(last + last / (len(indices) - 1)) if last > 0 else 1000 * len(indices)  # one slot: 1 s a frame
+    return {"total_num_frames": max(total, last + 1), "fps": 1000.0, "frames_indices": indices}

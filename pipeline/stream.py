@@ -33,6 +33,7 @@ from dymu.memory import TokenMemory, append_frame, assemble, evict
 from dymu.temporal import merge_frames
 from dymu.tokens import MergedTokens
 from dymu.config import make_config
+from dymu.visual_qwen import feed_video_metadata
 from pipeline.ingest import FeedOptions, FeedReader, Gap
 from pipeline.stream_engine import Engine, LocalEngine
 from workers.redis_server import CacheUnavailable
@@ -119,6 +120,10 @@ class FeedMemory:
 
     def add(self, frames: Sequence[MergedTokens]) -> None:
         for frame in frames:
+            if self.state is not None and frame.meta.get("grid_thw") != self.state.frames[-1].meta.get("grid_thw"):
+                # Qwen-VL: one video has one grid, and the feed's size changed (a reconnect): start over.
+                log.info("the feed's frames changed size (grid %s): its memory starts over", frame.meta["grid_thw"])
+                self.state = None
             self.state = append_frame(self.state, frame, self.threshold)
             self.rows_added += self.state.frames[-1].new_rows
             if self.chunks is not None:
@@ -129,12 +134,14 @@ class FeedMemory:
             self.chunks.forget_before(self.state.start)
 
     def window(self, newline: torch.Tensor | None) -> MergedTokens:
-        """The window for the LLM, with the per-stage counts ``VideoQA.answer`` reports."""
+        """The window for the LLM, with the per-stage counts ``VideoQA.answer`` reports (per frame, or per
+        Qwen-VL temporal slot) and, for Qwen-VL, what its prompt needs (``qwen_window_meta``)."""
         frames = self.state.frames
         tokens = assemble(self.state)
         tokens.meta = {
             "kind": "video",
-            "frames": len(frames),
+            "frames": self.state.sampled_frames,
+            "slots": len(frames),
             "stages": {
                 "encoder_tokens_per_frame": frames[0].meta.get("encoder_tokens", frames[0].positions),
                 "dtome_tokens_per_frame": [frame.meta.get("dtome_tokens", frame.rows) for frame in frames],
@@ -143,10 +150,21 @@ class FeedMemory:
             },
             "seconds": {},
         }
+        if "grid_thw" in frames[0].meta:
+            tokens.meta |= qwen_window_meta(self.state)
         if newline is not None:
             tokens = append_learned_row(tokens, newline)
         tokens.meta["stages"] |= {"llm_positions": tokens.num_positions, "llm_rows": tokens.num_unique}
         return tokens
+
+
+def qwen_window_meta(memory: TokenMemory) -> dict[str, Any]:
+    """A Qwen-VL window's grid (its slots, each slot's h x w patches) and ``video_metadata`` (its frames'
+    times from the window's first), from which the family builds the prompt and M-RoPE positions as for a
+    file's frames."""
+    _, h, w = memory.frames[0].meta["grid_thw"]
+    times = [frame.frame_times or (frame.time,) for frame in memory.frames]
+    return {"grid_thw": [memory.num_frames, h, w], "video_metadata": feed_video_metadata(times)}
 
 
 # --- results -------------------------------------------------------------------------------------------
@@ -223,6 +241,7 @@ class _Feed:
     reconnects: int = 0
     gaps: list[Gap] = field(default_factory=list)
     done: bool = False
+    pending: list = field(default_factory=list)  # a frame waiting for its temporal slot's second (Qwen-VL)
 
     @property
     def name(self) -> str:
@@ -305,12 +324,17 @@ class LiveStreams:
         return None
 
     def _take(self, feed: _Feed, wait_s: float = 0.0) -> int:
-        frames = feed.reader.frames(timeout=wait_s)
+        """Encode the feed's waiting frames into its memory; return how many came from the reader."""
+        came = feed.reader.frames(timeout=wait_s)
+        feed.gaps += [frame.gap for frame in came if frame.gap is not None]
+        feed.reconnects += sum(frame.gap is not None for frame in came)
+        # Qwen-VL encodes two frames per temporal slot: an odd frame waits for the next, unless the file ended.
+        frames = feed.pending + came
+        waiting = 0 if feed.reader.ended and not came else len(frames) % self.engine.frames_per_slot
+        frames, feed.pending = frames[: len(frames) - waiting], frames[len(frames) - waiting:]
         if not frames:
-            return 0
+            return len(came)
         feed.lag_s = time.time() - frames[0].time
-        feed.gaps += [frame.gap for frame in frames if frame.gap is not None]
-        feed.reconnects += sum(frame.gap is not None for frame in frames)
         times = [frame.time for frame in frames]
         tokens = self.engine.encode_frames([frame.image for frame in frames], times)
         if self.cache is not None and feed.memory.chunks is None:
@@ -318,7 +342,7 @@ class LiveStreams:
         feed.memory.add(tokens)
         feed.first_new = times[0] if feed.first_new is None else feed.first_new
         feed.next_due = times[0] + self.every_s if feed.next_due is None else feed.next_due
-        return len(frames)
+        return len(came)
 
     def _answer(self, feed: _Feed, question: str, on_demand: bool = False) -> StreamResult:
         tokens = feed.memory.window(self.engine.newline())
@@ -328,7 +352,7 @@ class LiveStreams:
         finished = time.time()
         result = StreamResult(
             feed=feed.name, question=question, answer=answer.text, start=memory.start, end=memory.end,
-            time=finished, frames=memory.num_frames, tokens=memory.num_rows, positions=memory.num_positions,
+            time=finished, frames=memory.sampled_frames, tokens=memory.num_rows, positions=memory.num_positions,
             first_new=feed.first_new if feed.first_new is not None else memory.end, answer_s=finished - started,
             frames_received=feed.reader.sampled, frames_dropped=feed.reader.dropped, lag_s=feed.lag_s,
             reconnects=feed.reconnects, gaps=feed.gaps, on_demand=on_demand, llm=answer.report["llm"],

@@ -3,7 +3,9 @@
 ``LocalEngine`` runs the model in this process; ``RayEngine`` runs it as Ray actors (a ``FrameEncoder``,
 which is the pipeline's ``VisionEncoder`` plus per-frame encoding, and the pipeline's ``LLMWorker``), on a
 cluster's GPU when it has one. A feed's frames are encoded each on its own (DToMe, projector and pooling),
-because temporal merging happens against the feed's running memory, not inside one video.
+because temporal merging happens against the feed's running memory, not inside one video. Qwen-VL's
+encoder takes two frames per temporal slot: there each pair of frames is encoded as one slot, the unit of
+the feed's memory.
 """
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ import numpy as np
 import torch
 
 from dymu.errors import DymuError
+from dymu.families import QwenVLFamily
 from dymu.layout import compose
 from dymu.tokens import MergedTokens
 from dymu.config import VideoQAConfig
 from dymu.videoqa import Answer, Media, VideoQA
+from dymu.visual_qwen import QwenVisualTokenizer, feed_slots
 from workers.llm_worker import LLMWorker
 from workers.vision_encoder import VisionEncoder
 
 
 class Engine(Protocol):
     config: VideoQAConfig
+    frames_per_slot: int  # frames the encoder takes as one unit: 1, or Qwen-VL's 2
 
     def encode_frames(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
-        """Each frame (H, W, 3) uint8 -> its own LLM-side merged tokens (DToMe, projector, pooling)."""
+        """Each frame (H, W, 3) uint8 -> its own LLM-side merged tokens (DToMe, projector, pooling); Qwen-VL:
+        each consecutive pair of frames -> one temporal slot's tokens (see ``dymu.visual_qwen.feed_slots``)."""
 
     def answer(self, tokens: MergedTokens, question: str, source: str = "") -> Answer: ...
 
@@ -38,6 +44,11 @@ class Engine(Protocol):
         """Everything besides the model that decides the tokens (names them in the token cache)."""
 
     def close(self) -> None: ...
+
+
+def frames_per_slot(qa: VideoQA) -> int:
+    """Frames the model's encoder takes as one unit: Qwen-VL's temporal patch (2), else 1."""
+    return qa.family.processor.video_processor.temporal_patch_size if isinstance(qa.family, QwenVLFamily) else 1
 
 
 def cpu_threads_beside(feeds: int) -> int:
@@ -53,10 +64,9 @@ class LocalEngine:
     def __init__(self, qa: VideoQA):
         if not qa.family.supports_video:
             raise DymuError(f"{qa.config.model} ({qa.family.name}) answers about images only, not about feeds")
-        if not hasattr(qa.family, "frame_map"):  # Qwen-VL: no per-frame layout for the feed memory yet
-            raise DymuError(f"{qa.config.model} ({qa.family.name}): live feeds are not supported on this family yet")
         self.qa = qa
         self.config = qa.config
+        self.frames_per_slot = frames_per_slot(qa)
         self._encode_lock = threading.Lock()
         self._answer_lock = threading.Lock()
 
@@ -77,10 +87,12 @@ class LocalEngine:
             # Thresholds the model has none of yet are calibrated on the first frames, as for a first video.
             first = np.stack([image for image in images if image.shape == images[0].shape])
             visual = self.qa.visual_tokenizer(Media("live feed", "video", frames=first, timestamps=list(times)))
+            config_hash = self.config.encoder_fingerprint()
+            if isinstance(visual, QwenVisualTokenizer):
+                return feed_slots(visual, images, times, config_hash)
             # One resize per frame: a feed's size can change when it reconnects.
             pixels = torch.cat([family.frame_pixels(image[None]) for image in images])
             merged = visual.encode_pixels(pixels)
-            config_hash = self.config.encoder_fingerprint()
             meta = {"encoder_tokens": visual.encoder.num_positions}
             return [compose(image.to_tokens(float(t), config_hash, meta | {"dtome_tokens": image.num_tokens}),
                             family.frame_map(), family.project) for image, t in zip(merged, times)]
@@ -117,6 +129,9 @@ class FrameEncoder(VisionEncoder):
         row = self.qa.family.newline
         return None if row is None else row.detach().cpu()
 
+    async def frames_per_slot(self) -> int:
+        return frames_per_slot(self.qa)
+
     async def engine_cache_settings(self) -> dict[str, Any]:
         return await self._on_model_thread(LocalEngine(self.qa).cache_settings)
 
@@ -136,6 +151,7 @@ class RayEngine:
         self.encoder = ray.remote(FrameEncoder).options(**resources).remote(config, threads)
         self.llm = ray.remote(LLMWorker).options(**resources).remote(config, threads)
         self._newline = ray.get(self.encoder.newline.remote())  # also waits until the model has loaded
+        self.frames_per_slot = ray.get(self.encoder.frames_per_slot.remote())
 
     def encode_frames(self, images: Sequence[np.ndarray], times: Sequence[float]) -> list[MergedTokens]:
         from pipeline.jobs import fetch

@@ -76,7 +76,8 @@ def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind
     llm = answer.report["llm"]
     assert llm["rows_fed"] == llm["virtual_length"]  # nothing merged
     if kind == "video":
-        assert answer.report["frames"] == 2  # 4 frames, two per temporal slot
+        assert answer.report["frames"] == 4 and answer.report["slots"] == 2  # two frames per temporal slot
+        assert len(answer.report["tokens"]["dtome_per_frame"]) == 2  # the token counts are per slot
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,7 @@ def test_ask_and_caption_commands(tiny_qwen25, tiny_qwen3, media, tmp_path, caps
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "video" and report["llm"]["answer_tokens"] >= 1
+    assert report["frames"] == 4 and report["slots"] == 2  # frames, not temporal slots
 
     out = tmp_path / "captions.jsonl"
     rc = main(["caption", str(media["video"]), str(media["image"]), "--model", str(tiny_qwen25), "--preset", "off",
@@ -143,12 +145,6 @@ def test_bad_input_is_one_clear_line_and_exit_2(checkpoint, media, tmp_path, cap
     rc = main(["ask", str(path), QUESTION, "--model", str(checkpoint), "--device", "cpu", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
-
-
-def test_stream_refuses_qwen_models_clearly(tiny_qwen3, media, capsys):
-    rc = main(["stream", str(media["video"]), "--prompt", "What changed?", "--model", str(tiny_qwen3)])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "not supported" in err, err
 
 
 def test_the_engine_answers_qwen_as_the_single_loop_does(qa_merged, media):

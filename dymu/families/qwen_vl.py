@@ -97,6 +97,16 @@ class QwenVLFamily:
         """Seconds one temporal slot spans (Qwen2.5-VL's ``second_per_grid_ts``), as its processor computes it."""
         return self.processor.video_processor.temporal_patch_size / metadata.sampled_fps
 
+    def video_seconds_per_slot(self, tokens: MergedTokens) -> float:
+        """``tokens``' seconds per slot: as encoded, else from their ``video_metadata`` (a live feed's window),
+        else 1.0."""
+        from transformers.video_utils import VideoMetadata
+
+        if tokens.meta.get("seconds_per_slot"):
+            return float(tokens.meta["seconds_per_slot"])
+        metadata = tokens.meta.get("video_metadata")
+        return self.seconds_per_slot(VideoMetadata(**metadata)) if metadata else 1.0
+
     # --- the prompt -----------------------------------------------------------------------------------
     def prompt_ids(self, question: str, kind: str, tokens: MergedTokens) -> torch.Tensor:
         """The chat prompt's ids with the visual placeholder expanded as the processor expands it for
@@ -129,7 +139,7 @@ class QwenVLFamily:
         grid = torch.tensor([tokens.meta["grid_thw"]])
         if kind == "video":
             positions = stock_positions(self.model, ids, video_grid_thw=grid,
-                                        second_per_grid_ts=[tokens.meta.get("seconds_per_slot") or 1.0])
+                                        second_per_grid_ts=[self.video_seconds_per_slot(tokens)])
         else:
             positions = stock_positions(self.model, ids, image_grid_thw=grid)
         return sequence_from_ids(self.model, ids, tokens, positions, tokens.deepstack or None)

@@ -192,9 +192,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
     config = make_config(args.preset, args.config_file, **config_overrides(args))
     check_config(config, local=is_local_run(args.ray_address))
-    if model_type(config.model, config.revision) in ("qwen2_5_vl", "qwen3_vl"):
-        raise DymuError(f"{config.model}: live feeds are not supported on Qwen2.5-VL / Qwen3-VL yet (ask and "
-                        f"caption are); use a LLaVA-OneVision model for `stream`")
+    model_type(config.model, config.revision)  # a checkpoint that is not there fails before any feed is opened
     from pipeline.stream import LiveStreams, connect_feeds  # these import torch: after the checks that need none
     from workers.token_cache import TokenCache
 

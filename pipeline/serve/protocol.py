@@ -238,7 +238,7 @@ def usage(report: dict[str, Any], cache: dict[str, Any], seconds: dict[str, floa
             "kind": report["kind"],
             "frames": frames,
             "visual_tokens": {
-                "encoder": tokens["encoder_per_frame"] * frames,
+                "encoder": tokens["encoder_per_frame"] * report.get("slots", frames),
                 "after_dtome": sum(tokens["dtome_per_frame"]),
                 "llm_positions": tokens["llm_visual_positions"],
                 "after_temporal": tokens["llm_visual_rows"],
