@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   plain, or ``stream: true`` as server-sent events in OpenAI's chunk format
     GET  /v1/models             the one model this server runs
-    GET  /health                ok, and the LLM workers' running / waiting requests
+    GET  /health                ok, and an LLM replica's running / waiting requests
     GET  /metrics               Prometheus text: requests, time to first token, latency, visual tokens, cache
 
 One Serve application of three deployments: this ingress (it fetches and reads the media, CPU work in
