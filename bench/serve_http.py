@@ -8,7 +8,8 @@ is the first content chunk. Each round asks new questions about clips whose toke
 (warmed first), so it measures the LLM side; the first-vs-second figures use clips the server has not seen.
 
     python bench/serve_http.py                          # the tiny random-weight model (made on the spot)
-    python bench/serve_http.py --shape ov-0.5b          # LLaVA-OneVision-0.5B-shaped random weights (slow on CPU)
+    python bench/serve_http.py --shape ov-0.5b          # LLaVA-OneVision-0.5B-shaped random weights (slow on CPU:
+        --clients 1 8 --per-client 2 --frames 4 --max-tokens 16 --warm-clips 1 --fresh-clips 1 takes ~10 minutes)
     python bench/serve_http.py --model DIR --device cuda --dtype bfloat16
 """
 from __future__ import annotations
@@ -108,7 +109,13 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends per round")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--warm-clips", type=int, default=4,
+                        help="clips the rounds ask about, encoded and cached first (default 4)")
+    parser.add_argument("--fresh-clips", type=int, default=2,
+                        help="clips for the first-vs-second question (default 2); fewer of each for big shapes on CPU")
     parser.add_argument("--preset", default="mid")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="answers the LLM engine writes together (default 8, as `dymu-video serve`)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -131,16 +138,18 @@ def main() -> None:
         model = str(make_tiny_checkpoint(work / "model", family="llava-onevision", seed=0, sizes=sizes))
     clips = work / "clips"
     clips.mkdir()
-    for i in range(6):
+    for i in range(args.warm_clips + args.fresh_clips):
         changing_video(clips / f"clip{i}.mp4", num_frames=16, size=96, seed=11 * i)
     base = media_server(clips)
-    warm = [f"{base}/clip{i}.mp4" for i in range(4)]
-    fresh = [f"{base}/clip{i}.mp4" for i in (4, 5)]
+    warm = [f"{base}/clip{i}.mp4" for i in range(args.warm_clips)]
+    fresh = [f"{base}/clip{i}.mp4" for i in range(args.warm_clips, args.warm_clips + args.fresh_clips)]
 
+    load = os.getloadavg()
     with EmbeddedRedis(maxmemory="1gb") as redis:
         ray.init(include_dashboard=False, configure_logging=False)
         settings = settings_from_options(model, preset=args.preset, allow_private_urls=True, redis_url=redis.url,
                                          num_frames=args.frames, device=args.device, dtype=args.dtype,
+                                         max_batch=args.max_batch,
                                          max_concurrency=max(64, max(args.clients)))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -156,7 +165,9 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
 
-    print(f"model {model} (preset {args.preset}, {args.frames} frames, {args.max_tokens} answer tokens, streaming)")
+    print(f"model {model} (preset {args.preset}, {args.frames} frames, {args.max_tokens} answer tokens, streaming, "
+          f"max_batch {args.max_batch}); load average at the start {load[0]:.1f}, at the end "
+          f"{os.getloadavg()[0]:.1f}")
     print("| clients | requests | req/s | tokens/s | TTFT p50 | TTFT p95 | total p50 | total p95 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rounds:
@@ -172,7 +183,8 @@ def main() -> None:
         print(f"{name} question on a new video: TTFT {r['ttft']:.3f}s, total {r['total']:.3f}s (token cache {r['cache']})")
     print(f"second / first TTFT: {first_vs_second['second']['ttft'] / first_vs_second['first']['ttft']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "first_vs_second": first_vs_second}, indent=1))
+        Path(args.json).write_text(json.dumps({"rounds": rounds, "first_vs_second": first_vs_second,
+                                               "max_batch": args.max_batch}, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,16 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, redis_server, tiny_ov, media):
+def serve_redis():
+    """The server's own Redis, on a fixed port, so that a test can stop it and bring it back at the same URL."""
+    from workers.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(maxmemory="64mb", port=free_port()) as redis:
+        yield redis
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, serve_redis, tiny_ov, media):
     from ray import serve
 
     from pipeline.serve.app import build_app, settings_from_options
@@ -61,7 +70,7 @@ def server(ray_local, redis_server, tiny_ov, media):
     root, _ = media
     settings = settings_from_options(
         str(tiny_ov), preset="mid", api_key=KEY, allow_private_urls=True, allowed_media_dir=str(root),
-        max_media_mb=0.25, max_frames=8, redis_url=redis_server.url, num_frames=FRAMES, max_new_tokens=MAX_TOKENS,
+        max_media_mb=0.25, max_frames=8, redis_url=serve_redis.url, num_frames=FRAMES, max_new_tokens=MAX_TOKENS,
         model_worker_cpus=0.5)  # half the session's 2 CPUs: `ask` starts its own actors beside them
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -250,13 +259,13 @@ def test_generation_options_are_applied(server, media):
 def test_client_disconnect_mid_stream_cancels_its_request(server, media):
     _, base = media
     body = video_request(f"{base}/clip1.mp4", model=served_model(server), max_tokens=20000, stream=True)
-    before = httpx.get(f"{server}/health").json()["llm_workers"][0]
+    before = httpx.get(f"{server}/health").json()["llm"]
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers(), timeout=60) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # the first chunk: the answer is being written
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        stats = httpx.get(f"{server}/health").json()["llm_workers"][0]
+        stats = httpx.get(f"{server}/health").json()["llm"]
         if stats["cancelled"] > before["cancelled"]:
             break
         time.sleep(0.1)
@@ -265,12 +274,49 @@ def test_client_disconnect_mid_stream_cancels_its_request(server, media):
     assert stats["running"] == stats["waiting"] == 0
 
 
+def stream_usage(server: str, body: dict) -> tuple[int, dict | None]:
+    """(status, the usage of the last chunk) of a streamed request."""
+    usage = None
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body | {"stream": True}, headers=headers(),
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[len("data: "):]).get("usage") or usage
+        return response.status_code, usage
+
+
+def test_redis_going_away_and_coming_back(server, media, serve_redis):
+    _, base = media
+    model = served_model(server)
+    body = video_request(f"{base}/clip3.mp4", "Is the cache there?", model=model, max_tokens=4)
+    assert post(server, body).status_code == 200  # cached while Redis runs
+    serve_redis.stop()
+    try:
+        assert not serve_redis.running
+        gone = [post(server, body), post(server, body | {"messages": video_request(
+            f"{base}/clip0.mp4", "And now?")["messages"]})]
+        streamed_status, streamed_usage = stream_usage(server, body)
+        health = httpx.get(f"{server}/health", timeout=60)
+    finally:
+        serve_redis.start()  # same port, empty
+    for response in gone:
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["dymu"]["token_cache"] == "unavailable"
+        assert response.json()["choices"][0]["message"]["content"] is not None
+    assert streamed_status == 200 and streamed_usage["dymu"]["token_cache"] == "unavailable"
+    assert health.status_code == 200
+    assert 'dymu_serve_token_cache_total{result="unavailable"}' in httpx.get(f"{server}/metrics").text
+    # Back: the first request stores the tokens again, the second reads them.
+    back = [post(server, body).json()["usage"]["dymu"]["token_cache"] for _ in range(2)]
+    assert back == ["miss", "hit"]
+
+
 def test_models_health_and_metrics(server):
     assert httpx.get(f"{server}/v1/models").status_code == 401
     models = httpx.get(f"{server}/v1/models", headers=headers()).json()
     assert models["object"] == "list" and len(models["data"]) == 1
     health = httpx.get(f"{server}/health").json()
-    assert health["status"] == "ok" and set(health["llm_workers"][0]) >= {"running", "waiting"}
+    assert health["status"] == "ok" and set(health["llm"]) >= {"running", "waiting"}
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("dymu_serve_requests_total", "dymu_serve_time_to_first_token_seconds_bucket",
                  "dymu_serve_token_cache_total", "dymu_serve_visual_tokens_total"):

@@ -157,6 +157,7 @@ def test_the_serve_deploy_config_parses_and_builds(tiny_ov, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from pipeline.serve.app import ChatServer, app_builder
+    from pipeline.serve.deployments import ENCODER_NAME, LLM_NAME
 
     config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
@@ -165,6 +166,19 @@ def test_the_serve_deploy_config_parses_and_builds(tiny_ov, monkeypatch):
     assert app.import_path == "pipeline.serve.app:app_builder"
     monkeypatch.setenv("DYMU_API_KEY", "k")
     built = app_builder({**app.args, "model": str(tiny_ov)})
-    settings = built._bound_deployment.init_args[0]
-    assert settings.api_key == "k" and settings.config.preset == "mid"
+    settings, encoder, llm = built._bound_deployment.init_args
+    assert settings.api_key == "k" and settings.config.preset == "mid" and settings.config.max_batch == 8
     assert built._bound_deployment.name == ChatServer.name
+    # The encoder and the LLM engine are deployments of their own, bound into the application (the ingress
+    # gets handles to them), sized by the args: replicas, and what each replica takes.
+    assert (encoder._bound_deployment.name, llm._bound_deployment.name) == (ENCODER_NAME, LLM_NAME)
+    assert encoder._bound_deployment.num_replicas == llm._bound_deployment.num_replicas == 1
+    assert llm._bound_deployment.max_ongoing_requests == app.args["max_concurrency"]
+    sized = app_builder({**app.args, "model": str(tiny_ov), "encoders": 2, "llms": 3, "model_worker_cpus": 4,
+                         "model_worker_gpus": 0.5, "max_concurrency": 16})
+    _, encoder, llm = sized._bound_deployment.init_args
+    assert (encoder._bound_deployment.num_replicas, llm._bound_deployment.num_replicas) == (2, 3)
+    for deployment in (encoder._bound_deployment, llm._bound_deployment):
+        assert deployment.ray_actor_options == {"num_cpus": 4, "num_gpus": 0.5}
+        assert deployment.init_args[1] == 4  # torch threads: the replica's CPUs
+    assert llm._bound_deployment.max_ongoing_requests == 16

@@ -188,14 +188,18 @@ class EmbeddedRedis:
     """A private ``redis-server`` process on 127.0.0.1, started and stopped by this program.
 
     Use as a context manager, or call ``start()`` and ``stop()``; an ``atexit`` hook stops a server that
-    was left running. ``url`` is ``redis://127.0.0.1:PORT/0`` once started.
+    was left running. ``url`` is ``redis://127.0.0.1:PORT/0`` once started. ``port``: the port to listen on,
+    every time it starts (default: a free one each start), so that a stopped server can come back at the same
+    URL.
     """
 
-    def __init__(self, maxmemory: str = "1gb", start_timeout_s: float = 10.0, binary: Path | None = None):
+    def __init__(self, maxmemory: str = "1gb", start_timeout_s: float = 10.0, binary: Path | None = None,
+                 port: int | None = None):
         self.maxmemory = maxmemory
         self.start_timeout_s = start_timeout_s
         self.binary = binary
-        self.port: int | None = None
+        self.fixed_port = port
+        self.port: int | None = port
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
 
@@ -221,7 +225,7 @@ class EmbeddedRedis:
         attempts = 0
         while True:
             attempts += 1
-            self.port = _free_loopback_port()
+            self.port = self.fixed_port or _free_loopback_port()
             try:
                 # Its log and any config error go to one file, read back if it fails to start.
                 with open(self._workdir / "redis.log", "ab") as log:

@@ -48,16 +48,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-media-mb", type=float, default=64.0, help="largest media file in MiB (default 64)")
     g.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest video (default 3600)")
     g.add_argument("--fetch-timeout", type=float, default=30.0, help="seconds for one download (default 30)")
-    g.add_argument("--llms", type=int, default=1, help="LLM worker actors (default 1)")
-    g.add_argument("--encoders", type=int, default=1, help="vision encoder actors (default 1)")
+    g.add_argument("--llms", type=int, default=1, help="replicas of the LLM engine deployment (default 1)")
+    g.add_argument("--encoders", type=int, default=1, help="replicas of the vision encoder deployment (default 1)")
     g.add_argument("--max-concurrency", type=int, default=64,
-                   help="requests one LLM worker accepts at once (default 64)")
+                   help="requests one LLM replica accepts at once; its engine batches up to --max-batch of "
+                        "them (default 64)")
     r = p.add_argument_group("cluster and cache")
     r.add_argument("--ray-address", metavar="ADDR", help="Ray cluster (default $DYMU_RAY_ADDRESS or $RAY_ADDRESS, "
                                                          "else a local Ray for this server)")
     r.add_argument("--redis-url", metavar="URL", help="token cache (default $REDIS_URL, else a private redis-server)")
     r.add_argument("--cache", choices=("on", "off"), default="on", help="token cache on or off (default on)")
-    r.add_argument("--model-worker-cpus", type=float, help="CPUs (torch threads) per encoder and LLM actor")
+    r.add_argument("--model-worker-cpus", type=float,
+                   help="CPUs (torch threads) per encoder and LLM replica (default: a share of the cluster)")
+    r.add_argument("--model-worker-gpus", type=float,
+                   help="GPUs per encoder and LLM replica, 0.5 to share one (default: 1 each when the cluster "
+                        "has GPUs, an equal share when it has fewer)")
     # A server's clients come at once: each LLM worker batches up to 8 answers unless told otherwise.
     p.set_defaults(func=run, max_batch=8)
 
@@ -87,7 +92,8 @@ def settings_from_args(args: argparse.Namespace):
         allowed_media_dir=args.allowed_media_dir, allow_private_urls=args.allow_private_urls,
         max_media_mb=args.max_media_mb, max_video_seconds=args.max_video_seconds,
         max_frames=args.max_frames or 64, fetch_timeout=args.fetch_timeout, llms=args.llms, encoders=args.encoders,
-        model_worker_cpus=args.model_worker_cpus, max_concurrency=args.max_concurrency,
+        model_worker_cpus=args.model_worker_cpus, model_worker_gpus=args.model_worker_gpus,
+        max_concurrency=args.max_concurrency,
         config_file=args.config_file, **overrides)
     if settings.api_key is None and not is_loopback(args.host):
         raise DymuError(f"--host {args.host}: without an API key the server listens on loopback only; pass "

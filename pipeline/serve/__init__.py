@@ -2,6 +2,7 @@
 
 protocol.py  the request and response shapes (OpenAI's chat format plus our ``dymu`` field), errors, SSE
 media.py     fetching ``image_url`` / ``video_url`` content (http(s), data:, file://) under limits
-backend.py   the encoder, LLM and token-cache actors behind the server: media -> tokens -> answer
-app.py       the FastAPI ingress as a Ray Serve deployment, metrics, and the application builder
+deployments.py  the vision encoder and the LLM engine as Ray Serve deployments (wrapping workers/)
+backend.py   the ingress's calls on them and on the token-cache actor: media -> tokens -> answer
+app.py       the FastAPI ingress deployment, metrics, and the application builder (all three bound)
 """

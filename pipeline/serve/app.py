@@ -2,12 +2,14 @@
 
     POST /v1/chat/completions   plain, or ``stream: true`` as server-sent events in OpenAI's chunk format
     GET  /v1/models             the one model this server runs
-    GET  /health                ok, and the LLM workers' running / waiting requests
+    GET  /health                ok, and an LLM replica's running / waiting requests
     GET  /metrics               Prometheus text: requests, time to first token, latency, visual tokens, cache
 
-The ingress fetches and reads the media (CPU work, in threads), and calls the encoder, LLM and token-cache
-actors it starts (``Backend``). ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has a key.
-A client that goes away mid-answer has its request cancelled in the LLM worker.
+One Serve application of three deployments: this ingress (it fetches and reads the media, CPU work in
+threads), the vision encoder and the LLM engine (``deployments``), which it calls through deployment handles
+(``Backend``; the token-cache actor it starts itself). ``build_app`` sizes and binds them. ``/v1/*`` needs
+``Authorization: Bearer KEY`` when the server has a key. A client that goes away mid-answer has its request
+cancelled in the LLM engine.
 """
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations (Request) as objects.
 
@@ -24,12 +26,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dymu.config import VideoQAConfig, make_config
 from dymu.errors import DymuError
 from dymu.videoqa import Answer
+from pipeline.jobs import plan_resources
 from pipeline.serve.backend import Backend, cause
+from pipeline.serve.deployments import EncoderDeployment, LLMDeployment
 from pipeline.serve.media import Fetched, MediaFetcher, MediaLimits, Sampling, read_fetched, source_id
 from pipeline.serve.protocol import (ApiError, ChatRequest, StreamText, chunk, completion, completion_id,
                                      finish_reason, parse_request, read_prompt, usage)
@@ -43,6 +48,9 @@ class ServeSettings:
 
     config: the model and reductions (one preset per server). served_name: the ``model`` clients send.
     api_key: None = no key (then the CLI binds to loopback only). redis_url None: no token cache.
+    encoders / llms: replicas of the encoder / LLM deployments; model_worker_cpus / _gpus: what each of those
+    replicas takes (None: a share of the cluster, see ``replica_resources``); max_concurrency: the requests
+    one LLM replica accepts at once (its engine batches up to the config's max_batch of them).
     """
 
     config: VideoQAConfig
@@ -54,6 +62,7 @@ class ServeSettings:
     encoders: int = 1
     llms: int = 1
     model_worker_cpus: float | None = None
+    model_worker_gpus: float | None = None
     max_concurrency: int = 64
     supports_video: bool = True
 
@@ -103,22 +112,17 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment(name="DymuChat", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class ChatServer:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, encoder: DeploymentHandle, llm: DeploymentHandle):
         self.settings = settings
-        self.backend = Backend(settings.config, settings.redis_url, settings.encoders, settings.llms,
-                               settings.model_worker_cpus, settings.max_concurrency, settings.cache_node)
+        self.backend = Backend(settings.config, encoder, llm, settings.redis_url, settings.cache_node)
         self.fetcher = MediaFetcher(settings.limits)
         self.metrics = Metrics()
         self.created = int(time.time())
 
-    async def check_health(self) -> None:
-        """Serve's health check: the workers answer."""
-        await self.backend.stats()
-
     # --- endpoints -----------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.settings.served_name, "llm_workers": await self.backend.stats()}
+        return {"status": "ok", "model": self.settings.served_name, "llm": await self.backend.stats()}
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -173,23 +177,23 @@ class ChatServer:
         tokens, cache, token_seconds = await self.backend.tokens(source_id(files), sampling, read)
         seconds |= token_seconds
         self.metrics.cache.labels(result=cache["status"]).inc()
-        index, pieces = self.backend.stream(tokens, prompt.question, source_id(files), chat.options())
+        pieces = self.backend.stream(tokens, prompt.question, source_id(files), chat.options())
         try:
             first = await self._next(pieces)  # a prompt over the context fails here, before any 200 is sent
         except BaseException:
-            self._cancel(index, pieces)
+            pieces.cancel()
             raise
         self.metrics.first_token.observe(time.perf_counter() - started)
         cid = completion_id()
         if chat.stream:
-            return StreamingResponse(self._events(chat, cid, index, pieces, first, cache, seconds, started),
+            return StreamingResponse(self._events(chat, cid, pieces, first, cache, seconds, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             item = first
             while not isinstance(item, Answer):
                 item = await self._next(pieces)
         finally:
-            self._cancel(index, pieces)
+            pieces.cancel()  # a no-op once it finished; otherwise (the client went away) the engine drops it
         return completion(cid, self.settings.served_name, item.text, finish_reason(item.report["llm"]["stop_reason"]),
                           self._usage(item, cache, seconds, started))
 
@@ -205,11 +209,11 @@ class ChatServer:
         fps = knobs.fps if knobs.fps is not None else (config.fps if knobs.frames is None else None)
         return Sampling(knobs.frames or config.num_frames, fps, max_frames)
 
-    async def _next(self, pieces: Any) -> Any:
+    async def _next(self, pieces: DeploymentResponseGenerator) -> Any:
         try:
-            return await (await pieces.__anext__())
+            return await pieces.__anext__()
         except StopAsyncIteration:
-            raise RuntimeError("the LLM worker's stream ended without an answer") from None
+            raise RuntimeError("the LLM deployment's stream ended without an answer") from None
         except ray.exceptions.RayTaskError as exc:
             if isinstance(cause(exc), DymuError):
                 message = str(cause(exc))
@@ -217,12 +221,7 @@ class ChatServer:
                 raise ApiError(400, message, code, "messages") from None
             raise
 
-    def _cancel(self, index: int, pieces: Any) -> None:
-        """Stop the worker's request (a no-op once it finished) and count it off the worker."""
-        ray.cancel(pieces)
-        self.backend.done(index)
-
-    async def _events(self, chat: ChatRequest, cid: str, index: int, pieces: Any, first: Any,
+    async def _events(self, chat: ChatRequest, cid: str, pieces: DeploymentResponseGenerator, first: Any,
                       cache: dict[str, Any], seconds: dict[str, float], started: float) -> AsyncIterator[str]:
         model, created = self.settings.served_name, int(time.time())
         text = StreamText(chat.options().get("stop", []))
@@ -241,7 +240,7 @@ class ChatServer:
         except ApiError as exc:  # the status line is gone: the error goes as an event
             yield f"data: {JSONResponse(exc.body()).body.decode()}\n\n"
         finally:  # also when the client went away mid-answer (the task is cancelled here)
-            self._cancel(index, pieces)
+            pieces.cancel()
 
     def _usage(self, answer: Answer, cache: dict[str, Any], seconds: dict[str, float], started: float) -> dict:
         # The worker's stages that ran for this request (a token-cache hit zeroes read and encode).
@@ -257,8 +256,29 @@ class ChatServer:
         return body
 
 
+def replica_resources(settings: ServeSettings) -> dict[str, float]:
+    """``ray_actor_options`` of one encoder or LLM replica: ``--model-worker-cpus`` / ``--model-worker-gpus``
+    when given, else an equal share of the cluster Ray is connected to (a GPU each when it has GPUs, see
+    ``pipeline.jobs.plan_resources``), or one CPU when building the application without Ray."""
+    if ray.is_initialized():
+        _, planned = plan_resources(ray.cluster_resources(), ray.available_resources(), 0,
+                                    settings.encoders + settings.llms, settings.model_worker_cpus)
+    else:
+        planned = {"num_cpus": settings.model_worker_cpus or 1.0}
+    if settings.model_worker_gpus is not None:
+        planned["num_gpus"] = settings.model_worker_gpus
+    return planned
+
+
 def build_app(settings: ServeSettings, replicas: int = 1) -> serve.Application:
-    return ChatServer.options(num_replicas=replicas).bind(settings)
+    """The ingress (``replicas`` of it) bound to the encoder and LLM deployments, sized by ``settings``."""
+    resources = replica_resources(settings)
+    threads = max(1, int(resources["num_cpus"]))  # torch's CPU threads in each model replica
+    encoder = EncoderDeployment.options(num_replicas=settings.encoders, ray_actor_options=resources)
+    llm = LLMDeployment.options(num_replicas=settings.llms, ray_actor_options=resources,
+                                max_ongoing_requests=settings.max_concurrency)
+    return ChatServer.options(num_replicas=replicas).bind(
+        settings, encoder.bind(settings.config, threads), llm.bind(settings.config, threads))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -272,7 +292,8 @@ def settings_from_options(model: str, preset: str = "mid", served_name: str | No
                           allowed_media_dir: str | None = None, allow_private_urls: bool = False,
                           max_media_mb: float = 64, max_video_seconds: float = 3600, max_frames: int = 64,
                           fetch_timeout: float = 30, redis_url: str | None = None, encoders: int = 1, llms: int = 1,
-                          model_worker_cpus: float | None = None, max_concurrency: int = 64,
+                          model_worker_cpus: float | None = None, model_worker_gpus: float | None = None,
+                          max_concurrency: int = 64,
                           config_file: str | None = None, **overrides: Any) -> ServeSettings:
     """Validated settings from plain options (raises ``DymuError`` with the reason; nothing starts)."""
     from workers.frame_decoder import family_supports_video
@@ -283,11 +304,14 @@ def settings_from_options(model: str, preset: str = "mid", served_name: str | No
     limits.check()
     if min(encoders, llms, max_concurrency) < 1:
         raise DymuError("--encoders, --llms and --max-concurrency must be >= 1")
+    if (model_worker_cpus is not None and model_worker_cpus <= 0) or (model_worker_gpus or 0) < 0:
+        raise DymuError("--model-worker-cpus must be positive and --model-worker-gpus not negative")
     return ServeSettings(config=config, served_name=served_name or model, api_key=api_key or os.environ.get(api_key_env)
                          or None, limits=limits, redis_url=redis_url or os.environ.get("REDIS_URL") or None,
                          encoders=encoders, llms=llms, model_worker_cpus=model_worker_cpus,
+                         model_worker_gpus=model_worker_gpus,
                          max_concurrency=max_concurrency,
                          supports_video=family_supports_video(config.model, config.revision))
 
 
-__all__ = ["ServeSettings", "ChatServer", "build_app", "app_builder", "settings_from_options"]
+__all__ = ["ServeSettings", "ChatServer", "build_app", "replica_resources", "app_builder", "settings_from_options"]
