@@ -10,7 +10,6 @@ ingress hands to the token cache and to the LLM deployment without reading them.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator
 
 import ray
@@ -28,28 +27,29 @@ LLM_NAME = "DymuLLM"
 
 @serve.deployment(name=ENCODER_NAME, max_ongoing_requests=8)
 class EncoderDeployment:
-    """Media -> merged tokens, one media at a time per replica (each encode gets the replica's torch threads).
-
-    The work runs on a thread, so the replica keeps answering Serve's health checks while it encodes.
+    """Media -> merged tokens. The worker queues the calls a replica is given and encodes them in batches
+    (up to the config's ``encode_batch_frames``) on its model thread, so the replica keeps answering Serve's
+    health checks while it encodes.
     """
 
     def __init__(self, config: VideoQAConfig, threads: int | None = None):
         self.encoder = VisionEncoder(config, threads)
-        self.lock = asyncio.Lock()
 
     async def cache_settings(self, media: Media | None = None) -> dict[str, Any] | None:
         """``VisionEncoder.cache_settings``: what names this replica's tokens (None: thresholds unknown yet)."""
-        async with self.lock:
-            return await asyncio.to_thread(self.encoder.cache_settings, media)
+        return await self.encoder.cache_settings(media)
 
     async def encode(self, media: Media) -> tuple[dict[str, Any], Any]:
         """(summary, a reference to the ``MergedTokens``). The summary holds the replica's cache settings:
         a replica on another node may have calibrated its own thresholds, and its tokens are cached under
         those."""
-        async with self.lock:
-            summary, tokens = await asyncio.to_thread(self.encoder.encode, media)
-            summary["settings"] = self.encoder.cache_settings(media)
+        summary, tokens = await self.encoder.encode(media)
+        summary["settings"] = await self.encoder.cache_settings(media)
         return summary, ray.put(tokens)
+
+    async def stats(self) -> dict[str, Any]:
+        """Batches this replica encoded and the media in each of the latest ones."""
+        return await self.encoder.stats()
 
 
 @serve.deployment(name=LLM_NAME, max_ongoing_requests=64)
