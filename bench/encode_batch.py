@@ -9,7 +9,7 @@ scaled down about 3.5x) at preset ``mid``, it encodes ``--videos`` different vid
   worker takes it (``dymu.batch_encode.take_batch``).
 
 Rounds alternate alone / batched; it reports videos/s of each and the median and min of the per-round ratios
-(batched / alone), and checks every video's tokens match (same rows, embeddings within 1e-4).
+(batched / alone), and counts the videos whose tokens match both ways (same rows, embeddings within 1e-3).
 
     python bench/encode_batch.py                                   # 8 videos x 4 frames, batches of 16 frames
     python bench/encode_batch.py --batch-frames 8 16 32 --rounds 3
@@ -81,8 +81,10 @@ def timed(fn, device: torch.device) -> tuple[float, list]:
     return time.perf_counter() - started, result
 
 
-def same_tokens(a: list, b: list) -> bool:
-    return all(torch.equal(x.mapping, y.mapping) and torch.allclose(x.embeds.float(), y.embeds.float(), atol=1e-4)
+def same_tokens(a: list, b: list) -> int:
+    """How many videos got the same tokens both ways (same rows, embeddings within 1e-3). A merge whose
+    similarity lies within float rounding of its threshold may go either way when the batch changes."""
+    return sum(torch.equal(x.mapping, y.mapping) and torch.allclose(x.embeds.float(), y.embeds.float(), atol=1e-3)
                for x, y in zip(a, b))
 
 
@@ -114,12 +116,16 @@ def main() -> None:
         for batch_frames in args.batch_frames:
             qa = VideoQA.from_pretrained(str(model), preset="mid", device=args.device, dtype=args.dtype,
                                          encode_batch_frames=batch_frames)
-            reference = encode_alone(qa, media)  # warm-up, and thresholds calibrated on the first video
-            alone_times, batched_times, ratios, agree = [], [], [], True
+            # Thresholds are calibrated on a video of their own: calibration puts each one at a similarity
+            # measured on its data, where a float-rounding change would flip a merge.
+            qa.encode(Media("calibration", "video", frames=scene(args.frames, args.size, 10_000),
+                            timestamps=[0.5 * t for t in range(args.frames)]))
+            reference = encode_alone(qa, media)  # warm-up
+            alone_times, batched_times, ratios, agree = [], [], [], args.videos
             for _ in range(args.rounds):
                 alone_s, alone = timed(lambda: encode_alone(qa, media), device)
                 batched_s, batched = timed(lambda: encode_batched(qa, media, batch_frames), device)
-                agree = agree and same_tokens(alone, reference) and same_tokens(batched, reference)
+                agree = min(agree, same_tokens(alone, reference), same_tokens(batched, reference))
                 alone_times.append(alone_s)
                 batched_times.append(batched_s)
                 ratios.append(alone_s / batched_s)
@@ -130,10 +136,10 @@ def main() -> None:
                          statistics.median(ratios), min(ratios), tokens / (args.videos * args.frames), agree))
     print(f"\n{args.videos} videos x {args.frames} frames, preset mid, {'full-size' if args.full_size else 'small'} "
           f"encoder, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print("| batch frames | alone videos/s | batched videos/s | speed-up median | min | DToMe tokens/frame | tokens equal |")
+    print("| batch frames | alone videos/s | batched videos/s | speed-up median | min | DToMe tokens/frame | videos with equal tokens |")
     print("|---|---|---|---|---|---|---|")
     for b, alone, batched, median, low, per_frame, agree in rows:
-        print(f"| {b} | {alone:.2f} | {batched:.2f} | {median:.2f}x | {low:.2f}x | {per_frame:.0f} | {agree} |")
+        print(f"| {b} | {alone:.2f} | {batched:.2f} | {median:.2f}x | {low:.2f}x | {per_frame:.0f} | {agree} of {args.videos} |")
 
 
 if __name__ == "__main__":
