@@ -56,6 +56,9 @@ def token_head(tmp_path_factory):
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "HF_HUB_OFFLINE": "1"}
+    # Ray Client gives the server process it starts per client 30 s to answer; a loaded 2-core machine can
+    # take longer than that to import Ray in it ("Initialization failure from server").
+    head_env = {**env, "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "150"}
     port, client_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     with open(log, "wb") as out:
@@ -65,7 +68,7 @@ def token_head(tmp_path_factory):
              f"--dashboard-port={free_port()}", f"--ray-client-server-port={client_port}",
              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while b"Ray runtime started" not in log.read_bytes():

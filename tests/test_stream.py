@@ -170,7 +170,9 @@ def test_stream_command_answers_on_schedule_survives_a_cut_and_stops_on_ctrl_c(t
         children = command.descendants()
         assert children, "the feed reader runs in its own process"
         os.killpg(command.process.pid, signal.SIGINT)  # Ctrl-C: the readers get it too
-        assert command.process.wait(timeout=20) == 0
+        # Stopping ends the feed readers, the last answer, Ray and the private Redis: seconds when idle, more
+        # on a loaded machine; the bound only keeps a hang from stalling the suite.
+        assert command.process.wait(timeout=90) == 0
         command.wait_for_log("stopped after", timeout=10)
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
