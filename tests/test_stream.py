@@ -72,7 +72,7 @@ class Command:
     """`dymu-video stream ...` in a subprocess, its stdout read line by line with timeouts."""
 
     def __init__(self, *args: str):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
         # Its own process group, so that a signal can go to the group, as a terminal's Ctrl-C does.
         self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stream", *args], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -172,7 +172,13 @@ def test_stream_command_answers_on_schedule_survives_a_cut_and_stops_on_ctrl_c(t
         os.killpg(command.process.pid, signal.SIGINT)  # Ctrl-C: the readers get it too
         # Stopping ends the feed readers, the last answer, Ray and the private Redis: seconds when idle, more
         # on a loaded machine; the bound only keeps a hang from stalling the suite.
-        assert command.process.wait(timeout=90) == 0
+        try:
+            code = command.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            os.kill(command.process.pid, signal.SIGABRT)
+            command.process.wait(timeout=30)
+            pytest.fail(f"still running 90 s after Ctrl-C; stderr: {''.join(command.log)[-6000:]}")
+        assert code == 0, ''.join(command.log)[-3000:]
         command.wait_for_log("stopped after", timeout=10)
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
