@@ -68,15 +68,21 @@ def feed_port():
 
 
 # --- the command as a user runs it ---------------------------------------------------------------------
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """`dymu-video stream ...` in a subprocess, its stdout read line by line with timeouts."""
 
     def __init__(self, *args: str):
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-        # Its own process group, so that a signal can go to the group, as a terminal's Ctrl-C does.
+        # Its own process group, so that a signal can go to the group, as a terminal's Ctrl-C does. SIGINT at
+        # its default, as in a terminal's foreground job: a suite started in the background (`make test &`)
+        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt.
         self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stream", *args], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=default_sigint)
         self.lines: queue.Queue = queue.Queue()
         self.log: list[str] = []  # stderr, as it comes
         threading.Thread(target=self._pump, daemon=True).start()
