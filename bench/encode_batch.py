@@ -60,6 +60,11 @@ def scene(num_frames: int, size: int, seed: int) -> np.ndarray:
     return np.stack(frames)
 
 
+def scene_video(name: str, args: argparse.Namespace, seed: int) -> Media:
+    return Media(name, "video", frames=scene(args.frames, args.size, seed),
+                 timestamps=[0.5 * t for t in range(args.frames)])
+
+
 def encode_alone(qa: VideoQA, media: list[Media]) -> list:
     return [qa.encode(m) for m in media]
 
@@ -110,16 +115,14 @@ def main() -> None:
         os.environ["DYMU_CACHE"] = str(Path(root) / "cache")  # thresholds calibrated here stay here
         model = make_tiny_checkpoint(Path(root) / "model", "llava-onevision", seed=0,
                                      sizes=FULL if args.full_size else SMALL)
-        media = [Media(f"v{i}", "video", frames=scene(args.frames, args.size, i),
-                       timestamps=[0.5 * t for t in range(args.frames)]) for i in range(args.videos)]
+        media = [scene_video(f"v{i}", args, i) for i in range(args.videos)]
         rows = []
         for batch_frames in args.batch_frames:
             qa = VideoQA.from_pretrained(str(model), preset="mid", device=args.device, dtype=args.dtype,
                                          encode_batch_frames=batch_frames)
             # Thresholds are calibrated on a video of their own: calibration puts each one at a similarity
             # measured on its data, where a float-rounding change would flip a merge.
-            qa.encode(Media("calibration", "video", frames=scene(args.frames, args.size, 10_000),
-                            timestamps=[0.5 * t for t in range(args.frames)]))
+            qa.encode(scene_video("calibration", args, 10_000))
             reference = encode_alone(qa, media)  # warm-up
             alone_times, batched_times, ratios, agree = [], [], [], args.videos
             for _ in range(args.rounds):
