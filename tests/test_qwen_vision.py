@@ -194,3 +194,26 @@ def test_thresholds_one_give_the_stock_features_in_bfloat16(tiny_qwen25, tiny_qw
         for merged, features in zip(tokens, stock.pooler_output):
             assert merged.embeds.dtype == torch.bfloat16
             torch.testing.assert_close(merged.embeds[merged.mapping], features, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("lengths", [[5, 3, 7, 1], [4, 4, 4]], ids=["ragged", "uniform"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["sizes", "no-sizes"])
+def test_segment_attention_matches_the_softmax_written_out(lengths, weighted):
+    """Each segment attends within itself, a key of size s weighing log(s) more (ragged segments take the
+    per-segment path on CPU, uniform ones the batched path)."""
+    torch.manual_seed(0)
+    rows, heads, width, scale = sum(lengths), 2, 8, 0.3
+    q, k, v = (torch.randn(rows, heads, width, dtype=torch.float64) for _ in range(3))
+    sizes = torch.randint(1, 6, (rows,)).double() if weighted else None
+    out = qwen_vl._segment_attention(q, k, v, sizes, lengths, scale)
+    start = 0
+    for n in lengths:
+        keys = range(start, start + n)
+        for i in keys:
+            for h in range(heads):
+                logits = torch.tensor([scale * float(q[i, h] @ k[j, h])
+                                       + (float(sizes[j].log()) if weighted else 0.0) for j in keys])
+                weights = logits.softmax(0)
+                expected = sum(float(weights[m]) * v[j, h] for m, j in enumerate(keys))
+                torch.testing.assert_close(out[i, h], expected, rtol=1e-6, atol=1e-6)
+        start += n

@@ -12,7 +12,8 @@ DToMe here keeps that structure valid:
   merges single patches and runs the merger once per distinct 4-tuple of merged rows (measured against the
   default in ``bench/encoder.py --family qwen2.5-vl --compare``).
 - **Windows.** Merge candidates must share a window (Qwen2.5-VL), so windowed blocks keep attending within
-  their windows, now of variable length; all windows of a batch run as one padded SDPA call.
+  their windows, now of variable length: one SDPA call per window on CPU, all windows of a batch as one
+  padded call on an accelerator.
 - **Rotary positions.** ``rotary="mean"`` (the default) gives a merged row one rotation, at the mean
   (h, w) of the patches it stands for, plus proportional attention (log size on its key). ``rotary="exact"``
   expands q/k/v to every patch, rotates each by its own position, attends at full length and averages each
@@ -109,7 +110,18 @@ def _segment_attention(q: Tensor, k: Tensor, v: Tensor, key_sizes: Tensor | None
                        scale: float) -> Tensor:
     """SDPA of (R, H, hd) rows cut into contiguous segments, each attending within itself only.
 
-    All segments run as one padded call; ``key_sizes`` (R,) adds log(size) to each key (None: no bias)."""
+    ``key_sizes`` (R,) adds log(size) to each key (None: no bias). Segments of one length run as one batched
+    call. Ragged ones (merged windows) run one call each on CPU, where padding them to one batch (copying q, k
+    and v and attending over the padding) took up to 1.6x as long, and as one padded call elsewhere, where one
+    launch beats many."""
+    if q.device.type == "cpu" and len(set(lengths)) > 1:
+        sizes = key_sizes.split(lengths) if key_sizes is not None else [None] * len(lengths)
+        outs = []
+        for qs, ks, vs, size in zip(q.split(lengths), k.split(lengths), v.split(lengths), sizes):
+            bias = attention_bias(size[None].float(), q.dtype) if size is not None else None
+            qs, ks, vs = (t.transpose(0, 1)[None] for t in (qs, ks, vs))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale)[0].transpose(0, 1))
+        return torch.cat(outs)
     holder = TokenState(x=q, sizes=key_sizes if key_sizes is not None else q.new_ones(q.shape[0]),
                         lengths=lengths, mapping=q.new_zeros(0, dtype=torch.long))
     bias = None
@@ -129,6 +141,10 @@ class _Batch:
     state: TokenState
     unit_hw: Tensor  # (N, g, 2) rotary coordinates of each position's rows
     unit_window: Tensor  # (N,) window of each position
+    # Per row, kept until the next merge changes the rows: (cos, sin) of its rotary position, and (Qwen2.5-VL)
+    # its window with the rows of each window, one entry per (slot, window).
+    rotary: tuple[Tensor, Tensor] | None = None
+    windows: tuple[Tensor, list[int]] | None = None
 
     def row_items(self) -> Tensor:
         return torch.repeat_interleave(torch.arange(len(self.state.lengths), device=self.state.x.device),
@@ -145,10 +161,12 @@ class _Batch:
         total = coords.new_zeros(self.state.x.shape[0], self.g, 2).index_add_(0, m, coords)
         return total / self.state.sizes[:, None, None]
 
-    def row_window(self) -> Tensor:
+    def row_windows(self) -> tuple[Tensor, list[int]]:
+        """(M,) window of each row, and the number of rows in each (slot, window) in row order."""
         window = torch.empty(self.state.x.shape[0], dtype=torch.long, device=self.state.x.device)
         window[self.global_mapping().flatten()] = self.unit_window.repeat(len(self.state.lengths))
-        return window
+        keys = window + self.row_items() * (int(self.unit_window.max()) + 1)
+        return window, torch.unique_consecutive(keys, return_counts=True)[1].tolist()
 
 
 class QwenDToMeEncoder:
@@ -267,13 +285,15 @@ class QwenDToMeEncoder:
         q, k, v = qkv.unbind(1)
         windowed = self.windowed and index not in self.full_blocks
         merged = any(state.merged())
+        if batch.rotary is None:
+            batch = dataclasses.replace(batch, rotary=self.visual.rotary_pos_emb(rows, batch.row_hw().view(-1, 2)),
+                                        windows=batch.row_windows() if self.windowed else None)
         if self.rotary == "exact" and merged:
             out = self._exact_attention(batch, q, k, v, attn.scaling, windowed)
         else:
-            cos, sin = self.visual.rotary_pos_emb(rows, batch.row_hw().view(-1, 2))
+            cos, sin = batch.rotary
             if windowed:
-                keys = batch.row_window() + batch.row_items() * (int(batch.unit_window.max()) + 1)
-                lengths = (torch.unique_consecutive(keys, return_counts=True)[1] * g).tolist()
+                lengths = [n * g for n in batch.windows[1]]
             else:
                 lengths = [n * g for n in state.lengths]
             sizes = state.sizes.repeat_interleave(g) if merged else None
@@ -282,11 +302,12 @@ class QwenDToMeEncoder:
         state = dataclasses.replace(state, x=x)
         if policy.active(index):
             metric = state.to_padded(k.sum(dim=1).reshape(state.x.shape[0], -1))
-            segments = state.to_padded(batch.row_window()) if self.windowed else None
+            segments = state.to_padded(batch.windows[0]) if self.windowed else None
             edges = bipartite_edges(metric, state.to_padded(state.sizes), segments=segments)
             merge = policy.choose(index, edges)
             if bool(merge.any()):
                 state = merge_tokens(state, edges, merge)
+                batch = dataclasses.replace(batch, rotary=None, windows=None)
         rows = state.x.view(-1, dim)
         state = dataclasses.replace(state, x=(rows + block.mlp(block.norm2(rows))).view_as(state.x))
         return dataclasses.replace(batch, state=state)
