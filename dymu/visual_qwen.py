@@ -203,7 +203,11 @@ class QwenVisualTokenizer:
         model = self.family.model.model
         out = (model.get_image_features if kind == "image" else model.get_video_features)(
             pixels.to(self.device), grid.to(self.device), return_dict=True)
-        deepstack = getattr(out, "deepstack_features", None) or []
+        sizes = [embeds.shape[0] for embeds in out.pooler_output]
+        # transformers >= 5.2x splits each DeepStack tap per input, as the pooler output; older releases
+        # return one tensor per tap over all inputs.
+        deepstack = [tap if isinstance(tap, (list, tuple)) else torch.split(tap, sizes)
+                     for tap in getattr(out, "deepstack_features", None) or []]
         results = []
         for entry, embeds in enumerate(out.pooler_output):
             ids = torch.arange(embeds.shape[0], device=embeds.device)

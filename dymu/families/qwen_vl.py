@@ -126,7 +126,7 @@ class QwenVLFamily:
             expanded = self.processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
         else:
             expanded = self.processor.replace_image_token({"image_grid_thw": grid}, 0)
-        text = text.replace(placeholder, expanded)
+        text = expand_placeholder(self.processor, text, placeholder, expanded, kind)
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def question_sequence(self, tokens: MergedTokens, question: str, kind: str) -> VirtualSequence:
@@ -143,6 +143,19 @@ class QwenVLFamily:
         else:
             positions = stock_positions(self.model, ids, image_grid_thw=grid)
         return sequence_from_ids(self.model, ids, tokens, positions, tokens.deepstack or None)
+
+
+def expand_placeholder(processor: Any, text: str, placeholder: str, expanded: str, kind: str) -> str:
+    """``text`` with its one visual placeholder replaced by ``expanded``, by the processor's own rule where it
+    has one: since transformers 5.25 Qwen3-VL's drops the chat template's outer <|vision_start|>...<|vision_end|>
+    around a video (each frame is wrapped already), and earlier releases replace the bare placeholder. Asking
+    the processor keeps ``off`` equal to the stock pipeline whichever rule the installed release follows."""
+    replace = getattr(processor, "get_text_with_replacements", None)
+    if replace is None:  # transformers < 5.2x: the processor's __call__ replaces the placeholder in place
+        return text.replace(placeholder, expanded)
+    replacements = {"images_replacements": [expanded]} if kind == "image" else {"videos_replacements": [expanded]}
+    texts, _ = replace([text], **replacements)
+    return texts[0]
 
 
 def default_metadata(num_frames: int) -> dict[str, Any]:
