@@ -230,21 +230,42 @@ def test_killed_mid_batch_then_resumed(ray_local, redis_server, tiny_ov, tmp_pat
     assert sorted(paths) == sorted(str(p.resolve()) for p in clips)  # every video once: none lost, none twice
 
 
+def wait_for_held_write(client, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Until Redis holds a client's command (a cache write, under CLIENT PAUSE WRITE): a job is in its cache step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.info("clients")["blocked_clients"] >= 1:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"caption exited early ({process.returncode}): {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no cache write reached Redis after {timeout_s} s")
+
+
 def test_redis_going_away_mid_batch(ray_local, tiny_ov, tmp_path):
+    import redis
+
     folder = tmp_path / "clips"
     folder.mkdir()
     clips = [changing_video(folder / f"{i:02d}.mp4", num_frames=4, size=64, seed=200 + i) for i in range(12)]
     out = tmp_path / "captions.jsonl"
     with EmbeddedRedis(maxmemory="64mb") as server:
+        # Reads (the start's PING, the lookups) are served, every write is held: no job can get past its
+        # cache step before Redis goes away, however the jobs and this test are scheduled.
+        control = redis.Redis.from_url(server.url)
+        control.client_pause(600_000, all=False)
         process = spawn_caption([str(folder), "--out", str(out), "--ray-address",
                                  ray_local.get_runtime_context().gcs_address, "--redis-url", server.url,
                                  *tiny_args(tiny_ov)])
-        wait_for_lines(out, 1, process)
+        wait_for_held_write(control, process)  # the batch is under way, a job is storing its tokens
+        control.close()
         server.stop()
         stdout, stderr = process.communicate(timeout=180)
     assert process.returncode == 0, stderr[-2000:]
     records = read_records(out)
     assert len(records) == len(clips) and all(r.get("caption") for r in records)
-    assert any(r["cache"] == "unavailable" for r in records)  # the videos after it did not try the cache
+    # Nothing was stored before Redis went away, so every video ran without the cache.
+    assert all(r["cache"] == "unavailable" for r in records), [r["cache"] for r in records]
     assert "going on without it" in stderr  # the warning when it happened
     assert "went away during the batch" in stdout  # and the summary

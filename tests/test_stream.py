@@ -208,6 +208,47 @@ def test_unreachable_feed_is_one_clear_line_after_the_connect_timeout(tiny_ov):
     assert time.monotonic() - started < 30
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def without_undelivered(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "undelivered"}
+
+
+def test_results_made_while_redis_was_away_reach_the_stream_in_order_once_it_is_back(tiny_ov, feed_port):
+    import redis
+
+    from workers.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(maxmemory="64mb", port=free_tcp_port()).start()  # comes back on the same port
+    command = Command(f"udp://127.0.0.1:{feed_port}", "--ask", "What is happening?", "--every", "2s", "--window",
+                      "4s", "--sample-fps", "2", "--connect-timeout", "5s", "--json", "--redis-url", server.url,
+                      "--redis-stream", "cams:answers", *model_args(tiny_ov))
+    try:
+        results = [command.next_result(timeout=90)]
+        assert "undelivered" not in results[0]
+        server.stop()
+        while sum("undelivered" in r for r in results) < 2:  # two results (at least) while Redis is away
+            results.append(command.next_result(timeout=30))
+        server.start()  # empty: what was in the stream went with the old server
+        while "undelivered" in results[-1]:  # until a result is delivered again
+            results.append(command.next_result(timeout=30))
+        stream = [json.loads(fields[b"json"]) for _, fields in redis.Redis.from_url(server.url).xrange("cams:answers")]
+        missed = next(i for i, r in enumerate(results) if "undelivered" in r)
+        # Every result from the first one Redis missed: the outage's, then the one that found Redis back, each
+        # once and in the order they were made.
+        assert stream == [without_undelivered(r) for r in results[missed:]], (stream, results)
+        command.wait_for_log("Redis is back", timeout=10)
+    finally:
+        if command.process.poll() is None:
+            command.process.kill()
+            command.process.wait()
+        server.stop()
+
+
 # --- the Python API ------------------------------------------------------------------------------------
 def test_two_feeds_share_one_engine_and_answer_on_demand(tiny_ov):
     from pipeline.stream import open_streams

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
@@ -75,7 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--out", metavar="FILE", help="also append every result to FILE as a JSON line")
     out.add_argument("--redis-url", metavar="URL",
                      help="Redis for the feeds' token chunks and --redis-stream (default $REDIS_URL; none: no Redis)")
-    out.add_argument("--redis-stream", metavar="KEY", help="also XADD every result to this Redis stream")
+    out.add_argument("--redis-stream", metavar="KEY",
+                     help="also XADD every result to this Redis stream; results made while Redis is away are held "
+                          "(at most --redis-maxlen, the oldest dropped first) and added in order once it is back")
     out.add_argument("--redis-maxlen", type=int, default=10000, metavar="N",
                      help="keep about this many entries in the Redis stream (default 10000)")
     g = p.add_argument_group("where the model runs")
@@ -95,8 +98,11 @@ class ResultSinks:
     """Where results go besides stdout: a JSON-lines file and a Redis stream (capped with MAXLEN).
 
     The Redis stream is a sink, not a dependency: while Redis is away the results still go to stdout and the
-    file, each saying it was not delivered (``"undelivered"``), and the stream is written again once Redis
-    answers (tried again at most every ``retry_s``, so a dead server does not slow the results down).
+    file, each saying it was not delivered yet (``"undelivered"``), and they are held, at most ``maxlen`` of
+    them (the oldest dropped first: the stream's MAXLEN would trim them anyway), to be written to the stream in
+    order once Redis answers again (tried with the next result, at most every ``retry_s``, so a dead server
+    does not slow the results down). A consumer of the stream thus sees every result in order, unless the
+    outage outlasted ``maxlen`` results (``dropped`` counts those, and the log says so).
     """
 
     def __init__(self, out: str | None, redis_client: Any, stream_key: str | None, maxlen: int,
@@ -106,41 +112,67 @@ class ResultSinks:
         self.stream_key = stream_key
         self.maxlen = maxlen
         self.retry_s = retry_s
+        self.dropped = 0  # held results dropped, oldest first, when more than maxlen were waiting
+        self._held: deque[dict[str, str]] = deque()  # stream entries not written yet, oldest first
         self._redis_down: str | None = None  # why the last write failed; None while Redis answers
         self._retry_at = 0.0
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
         """Deliver ``record``; returns it, with ``"undelivered"`` (sink -> why) when a sink missed it."""
         if self.stream_key is not None:
-            problem = self._xadd(record)
-            if problem is not None:
-                record = {**record, "undelivered": {"redis_stream": problem}}
+            self._hold(record)
+            self._flush()
+            if self._held:  # this record is the newest held one
+                record = {**record, "undelivered": {"redis_stream": self._redis_down}}
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")  # one write per line: a crash never leaves half a line
             self.file.flush()
         return record
 
-    def _xadd(self, record: dict[str, Any]) -> str | None:
+    def _hold(self, record: dict[str, Any]) -> None:
+        self._held.append({"feed": record["feed"], "answer": record["answer"], "json": json.dumps(record)})
+        if len(self._held) > self.maxlen:
+            self._held.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("Redis stream %s: more than --redis-maxlen %d results waiting for Redis, dropping the "
+                            "oldest (%d dropped so far)", self.stream_key, self.maxlen, self.dropped)
+
+    def _flush(self) -> None:
+        """Write the held entries to the stream, oldest first, until they are all there or Redis fails."""
         import redis
 
         if self._redis_down is not None and time.monotonic() < self._retry_at:
-            return self._redis_down
-        fields = {"feed": record["feed"], "answer": record["answer"], "json": json.dumps(record)}
+            return
+        was_down, written = self._redis_down is not None, 0
         try:
-            self.redis.xadd(self.stream_key, fields, maxlen=self.maxlen, approximate=True)
+            while self._held:
+                self.redis.xadd(self.stream_key, self._held[0], maxlen=self.maxlen, approximate=True)
+                self._held.popleft()  # only once Redis took it: a failed XADD is tried again, not lost
+                written += 1
         except redis.RedisError as exc:
             if self._redis_down is None:
-                log.warning("Redis stream %s: cannot write (%s); results go on to stdout%s and are marked "
-                            "undelivered until Redis is back", self.stream_key, exc, " and --out" if self.file else "")
-            self._redis_down = f"Redis stream {self.stream_key} unavailable: {' '.join(str(exc).split())}"
+                log.warning("Redis stream %s: cannot write (%s); results go on to stdout%s, marked undelivered, and "
+                            "are held (at most --redis-maxlen %d) until Redis is back", self.stream_key, exc,
+                            " and --out" if self.file else "", self.maxlen)
+            self._redis_down = (f"Redis stream {self.stream_key} unavailable: {' '.join(str(exc).split())} "
+                                "(held, written in order once Redis is back)")
             self._retry_at = time.monotonic() + self.retry_s
-            return self._redis_down
-        if self._redis_down is not None:
-            log.warning("Redis stream %s: Redis is back, writing results again", self.stream_key)
+            return
+        if was_down:
+            dropped = f"; {self.dropped} older one(s) dropped so far (over --redis-maxlen)" if self.dropped else ""
+            log.warning("Redis stream %s: Redis is back, %d held result(s) written in order%s",
+                        self.stream_key, written, dropped)
             self._redis_down = None
-        return None
 
     def close(self) -> None:
+        """Close the file; a last try to write what is held, and a warning naming what never reached Redis."""
+        if self.stream_key is not None and self._held:
+            self._retry_at = 0.0
+            self._flush()
+            if self._held:
+                log.warning("Redis stream %s: %d result(s) never reached Redis (it did not come back before the end)",
+                            self.stream_key, len(self._held))
         if self.file is not None:
             self.file.close()
 
