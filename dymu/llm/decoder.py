@@ -108,6 +108,9 @@ def rope_tables(decoder: Decoder, positions: torch.Tensor) -> tuple[torch.Tensor
             kind = "M-RoPE decoder" if decoder.mrope else "decoder with 1-D RoPE"
             raise DymuError(f"a {kind} cannot take positions of shape {tuple(positions.shape)}")
         positions = positions[:, None]  # (3, batch 1, n)
+    elif decoder.mrope:
+        # Spelled out as three equal rows: older transformers (5.17) take nothing else, newer broadcast (1, n).
+        positions = positions[None, None].expand(3, 1, -1)
     else:
         positions = positions[None]
     cos, sin = decoder.rotary_emb(probe, positions)
