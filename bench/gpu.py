@@ -187,7 +187,7 @@ def environment(r: Run) -> dict:
         "dry_run": r.dry, "argv": sys.argv, "host_cpus": os.cpu_count(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    for name in ("av", "triton", "tokenizers"):
+    for name in ("av", "torchvision", "triton", "tokenizers", "safetensors"):
         try:
             info[name] = __import__(name).__version__
         except Exception as exc:  # noqa: BLE001 - a missing optional package is a fact to record
