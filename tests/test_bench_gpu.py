@@ -117,3 +117,15 @@ def test_an_unknown_section_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown section(s) nope" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_synthetic_kv_is_written_on_the_pools_device():
+    """bench/serve_kv.py's random K/V go to a pool that is not on the CPU (the meta device stands in for CUDA:
+    it refuses a CPU source just as CUDA does)."""
+    import torch
+
+    from bench.serve_kv import write_random
+    from dymu.engine.block_manager import BlockManager
+
+    pool = BlockManager(4, 16, 2, 8, "meta", torch.float32)
+    write_random(pool, torch.arange(3, device="meta"), torch.Generator().manual_seed(0))
