@@ -21,6 +21,7 @@ kernel launches and weight reads, which a batch shares. Read the ratio of the de
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import sys
@@ -79,6 +80,8 @@ def encode_batched(qa: VideoQA, media: list[Media], batch_frames: int) -> list:
 
 
 def timed(fn, device: torch.device) -> tuple[float, list]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     result = fn()
     if device.type == "cuda":
@@ -108,41 +111,66 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    print_table(measure(args.videos, args.frames, args.size, args.batch_frames, args.rounds, args.device,
+                        args.dtype, FULL if args.full_size else SMALL))
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['videos']} videos x {result['frames']} frames, preset mid, "
+          f"{'full-size' if result['full_size'] else 'small'} encoder, {result['device']} {result['dtype']}, "
+          f"torch threads {torch.get_num_threads()}, {result['rounds']} rounds")
+    print("| batch frames | alone videos/s | batched videos/s | speed-up median | min | DToMe tokens/frame | videos with equal tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['batch_frames']} | {r['alone_videos_s']:.2f} | {r['batched_videos_s']:.2f} | "
+              f"{r['speedup_median']:.2f}x | {r['speedup_min']:.2f}x | {r['dtome_tokens_per_frame']:.0f} | "
+              f"{r['videos_equal']} of {result['videos']} |")
+
+
+def measure(videos: int = 8, frames: int = 4, size: int = 160, batch_frames: list[int] = (16,), rounds: int = 3,
+            device: str = "cpu", dtype: str = "float32", sizes: TinySizes = SMALL) -> dict:
+    """Videos/s alone and batched at each of ``batch_frames``: ``{"rows": [one dict per batch size]}``."""
+    args = argparse.Namespace(frames=frames, size=size)
     with tempfile.TemporaryDirectory() as root:
         import os
 
         os.environ["DYMU_CACHE"] = str(Path(root) / "cache")  # thresholds calibrated here stay here
-        model = make_tiny_checkpoint(Path(root) / "model", "llava-onevision", seed=0,
-                                     sizes=FULL if args.full_size else SMALL)
-        media = [scene_video(f"v{i}", args, i) for i in range(args.videos)]
+        on_gpu = device.startswith("cuda") and torch.cuda.is_available()  # weights drawn there: seconds, not a minute
+        model = make_tiny_checkpoint(Path(root) / "model", "llava-onevision", seed=0, sizes=sizes,
+                                     init_device="cuda" if on_gpu else None,
+                                     dtype=getattr(torch, dtype) if on_gpu and dtype not in ("auto", "float32") else None)
+        if on_gpu:  # the weights were drawn there: free them, so that a peak read later is the encoder's run
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        media = [scene_video(f"v{i}", args, i) for i in range(videos)]
         rows = []
-        for batch_frames in args.batch_frames:
-            qa = VideoQA.from_pretrained(str(model), preset="mid", device=args.device, dtype=args.dtype,
-                                         encode_batch_frames=batch_frames)
+        for batch in batch_frames:
+            qa = VideoQA.from_pretrained(str(model), preset="mid", device=device, dtype=dtype,
+                                         encode_batch_frames=batch)
+            run_device = next(qa.family.model.parameters()).device
             # Thresholds are calibrated on a video of their own: calibration puts each one at a similarity
             # measured on its data, where a float-rounding change would flip a merge.
             qa.encode(scene_video("calibration", args, 10_000))
             reference = encode_alone(qa, media)  # warm-up
-            alone_times, batched_times, ratios, agree = [], [], [], args.videos
-            for _ in range(args.rounds):
-                alone_s, alone = timed(lambda: encode_alone(qa, media), device)
-                batched_s, batched = timed(lambda: encode_batched(qa, media, batch_frames), device)
+            alone_times, batched_times, ratios, agree = [], [], [], videos
+            for _ in range(rounds):
+                alone_s, alone = timed(lambda: encode_alone(qa, media), run_device)
+                batched_s, batched = timed(lambda: encode_batched(qa, media, batch), run_device)
                 agree = min(agree, same_tokens(alone, reference), same_tokens(batched, reference))
                 alone_times.append(alone_s)
                 batched_times.append(batched_s)
                 ratios.append(alone_s / batched_s)
-                log.warning("batch %d frames: alone %.2fs, batched %.2fs (%.2fx)", batch_frames, alone_s, batched_s,
+                log.warning("batch %d frames: alone %.2fs, batched %.2fs (%.2fx)", batch, alone_s, batched_s,
                             alone_s / batched_s)
             tokens = sum(sum(t.meta["stages"]["dtome_tokens_per_frame"]) for t in reference)
-            rows.append((batch_frames, args.videos / min(alone_times), args.videos / min(batched_times),
-                         statistics.median(ratios), min(ratios), tokens / (args.videos * args.frames), agree))
-    print(f"\n{args.videos} videos x {args.frames} frames, preset mid, {'full-size' if args.full_size else 'small'} "
-          f"encoder, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print("| batch frames | alone videos/s | batched videos/s | speed-up median | min | DToMe tokens/frame | videos with equal tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for b, alone, batched, median, low, per_frame, agree in rows:
-        print(f"| {b} | {alone:.2f} | {batched:.2f} | {median:.2f}x | {low:.2f}x | {per_frame:.0f} | {agree} of {args.videos} |")
+            rows.append({"batch_frames": batch, "alone_videos_s": videos / min(alone_times),
+                         "batched_videos_s": videos / min(batched_times), "speedup_median": statistics.median(ratios),
+                         "speedup_min": min(ratios), "dtome_tokens_per_frame": tokens / (videos * frames),
+                         "videos_equal": agree})
+            del qa
+    return {"videos": videos, "frames": frames, "size": size, "rounds": rounds, "device": device, "dtype": dtype,
+            "full_size": sizes == FULL, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ that another process has taken, which charges the runner's extra small ops far m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import time
@@ -36,12 +37,25 @@ from dymu.vision import DToMeEncoder, ThresholdPolicy
 
 log = logging.getLogger("bench.encoder")
 
-WIDTH, LAYERS, HEADS, MLP, IMAGE, PATCH = 1152, 27, 16, 4304, 384, 14
+IMAGE, PATCH = 384, 14
 TOKENS = (IMAGE // PATCH) ** 2
 PRESETS = ("low", "mid", "high")
 
 
-def build_encoder(device: torch.device, dtype: torch.dtype) -> nn.Module:
+@dataclass(frozen=True)
+class Shape:
+    """The encoder's widths and depth (the image geometry, IMAGE / PATCH, is always SigLIP's)."""
+
+    width: int = 1152
+    layers: int = 27
+    heads: int = 16
+    mlp: int = 4304
+
+
+SO400M = Shape()
+
+
+def build_encoder(device: torch.device, dtype: torch.dtype, shape: Shape = SO400M) -> nn.Module:
     """A random-weight SigLIP-so400m-shaped vision tower.
 
     Built on the meta device and initialised lecun-normal here (as transformers does for SigLIP), because
@@ -50,7 +64,8 @@ def build_encoder(device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     config = SiglipVisionConfig(
-        hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        hidden_size=shape.width, intermediate_size=shape.mlp, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
         image_size=IMAGE, patch_size=PATCH, vision_use_head=False,
     )
     with torch.device("meta"):
@@ -66,7 +81,7 @@ def build_encoder(device: torch.device, dtype: torch.dtype) -> nn.Module:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=WIDTH**-0.5)
+                nn.init.normal_(module.weight, std=shape.width**-0.5)
         model.embeddings.position_ids.copy_(torch.arange(TOKENS, device=device)[None])
     return model.to(dtype).eval()
 
@@ -100,16 +115,17 @@ def synthetic_images(count: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(images)
 
 
-def layer_flops(tokens_in: int, tokens_out: int) -> float:
+def layer_flops(tokens_in: int, tokens_out: int, shape: Shape = SO400M) -> float:
     """One layer: q/k/v/out projections and attention on the tokens it starts with, the MLP on those left."""
-    return 8 * tokens_in * WIDTH**2 + 4 * tokens_in**2 * WIDTH + 4 * tokens_out * WIDTH * MLP
+    w = shape.width
+    return 8 * tokens_in * w**2 + 4 * tokens_in**2 * w + 4 * tokens_out * w * shape.mlp
 
 
-def encoder_flops(merges_per_layer: list[int]) -> float:
-    flops = 2 * TOKENS * 3 * PATCH * PATCH * WIDTH  # patch embedding
+def encoder_flops(merges_per_layer: list[int], shape: Shape = SO400M) -> float:
+    flops = 2 * TOKENS * 3 * PATCH * PATCH * shape.width  # patch embedding
     tokens = TOKENS
     for merges in merges_per_layer:
-        flops += layer_flops(tokens, tokens - merges)
+        flops += layer_flops(tokens, tokens - merges, shape)
         tokens -= merges
     return flops
 
@@ -173,13 +189,19 @@ def main() -> None:
 
         (run_compare if args.compare else run_presets)(args)
         return
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    print_table(measure(args.images, args.batch_size, args.device, args.dtype, args.rounds))
+
+
+def measure(images: int = 8, batch_size: int = 4, device: str = "auto", dtype: str = "bfloat16", rounds: int = 2,
+            shape: Shape = SO400M) -> dict:
+    """Calibrate low/mid/high and time them against off and stock; the table's figures as a dict."""
+    device, dtype = resolve_device_dtype(device, dtype)
     torch.manual_seed(0)
 
     started = time.perf_counter()
-    model = build_encoder(device, dtype)
-    batches = synthetic_images(args.images).to(device, dtype).split(args.batch_size)
-    log.info("built the encoder and %d images in %.0f s", args.images, time.perf_counter() - started)
+    model = build_encoder(device, dtype, shape)
+    batches = synthetic_images(images).to(device, dtype).split(batch_size)
+    log.info("built the encoder and %d images in %.0f s", images, time.perf_counter() - started)
 
     keep = {preset: preset_keep(preset, TOKENS) for preset in PRESETS}
     taus = {preset: calibrate(DToMeEncoder(model), batches, keep[preset]) for preset in PRESETS}
@@ -193,7 +215,7 @@ def main() -> None:
     kept: dict[str, list[int]] = {preset: [] for preset in PRESETS}
     with torch.no_grad():
         model(batches[0])  # warm-up; the DToMe runner was warmed up by calibration
-        for round_ in range(args.rounds):
+        for round_ in range(rounds):
             for i, batch in enumerate(batches):
                 for mode, run in modes.items():
                     best[mode][i] = np.minimum(best[mode][i], _timed(lambda: run(batch), device))
@@ -206,36 +228,56 @@ def main() -> None:
                         merges[preset].extend(policy.per_image(len(batch)))
                         kept[preset].extend(image.num_tokens for image in results)
     log.info("timed in %.0f s total", time.perf_counter() - started)
-    print_table(args, device, dtype, keep, {mode: times.sum(axis=0) for mode, times in best.items()}, merges, kept)
+    seconds = {mode: times.sum(axis=0) for mode, times in best.items()}  # (wall, cpu) summed over batches
+    off_flops = encoder_flops([0] * shape.layers, shape) * images
+    off_wall, off_cpu = seconds["off"]
+    rows = {}
+    for mode in ("stock", "off", *PRESETS):
+        wall, cpu = seconds[mode]
+        row = {"wall_s": float(wall), "cpu_s": float(cpu), "wall_vs_off": float(wall / off_wall),
+               "cpu_vs_off": float(cpu / off_cpu)}
+        if mode in PRESETS:
+            flops = sum(encoder_flops(m, shape) for m in merges[mode]) / off_flops
+            counts = np.array(kept[mode])
+            row.update(target=keep[mode], tokens_mean=float(counts.mean()), tokens_std=float(counts.std()),
+                       tokens_min=int(counts.min()), tokens_max=int(counts.max()), flops_vs_off=flops,
+                       saved_saved_wall=saved_per_saved(row["wall_vs_off"], flops),
+                       saved_saved_cpu=saved_per_saved(row["cpu_vs_off"], flops))
+        rows[mode] = row
+    return {"shape": dataclasses.asdict(shape), "tokens": TOKENS, "images": images, "batch_size": batch_size,
+            "rounds": rounds, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, "rows": rows}
 
 
-def print_table(args, device, dtype, keep, seconds, merges, kept) -> None:
-    """Markdown table; ``seconds[mode]`` is (wall, cpu) summed over batches."""
-    off_flops = encoder_flops([0] * LAYERS) * args.images
-    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+def saved_per_saved(time_ratio: float, flops_ratio: float) -> float:
+    """Time saved / FLOPs saved; NaN when nothing was saved (a preset that merged nothing)."""
+    return (1 - time_ratio) / (1 - flops_ratio) if flops_ratio < 1 else float("nan")
+
+
+def print_table(result: dict) -> None:
+    """Markdown table of ``measure``'s result."""
+    shape, rows = Shape(**result["shape"]), result["rows"]
+    threads = f" ({result['threads']} threads)" if result["threads"] else ""
     print(
-        f"\nSigLIP-so400m-shaped encoder, random weights ({LAYERS} layers, width {WIDTH}, {HEADS} heads, MLP {MLP}, "
-        f"{IMAGE}px/{PATCH} = {TOKENS} tokens); {args.images} synthetic images, batch {args.batch_size}, "
-        f"{str(dtype).removeprefix('torch.')} on {device}{threads}; best of {args.rounds} rounds.\n"
+        f"\nSigLIP-so400m-shaped encoder, random weights ({shape.layers} layers, width {shape.width}, {shape.heads} "
+        f"heads, MLP {shape.mlp}, {IMAGE}px/{PATCH} = {TOKENS} tokens); {result['images']} synthetic images, batch "
+        f"{result['batch_size']}, {result['dtype']} on {result['device']}{threads}; best of {result['rounds']} rounds.\n"
         f"off = this runner with every tau at 1.0 (nothing merges); stock = transformers' own forward. "
         f"Saved/saved = time saved / FLOPs saved (target >= 0.85).\n"
     )
     print("| preset | target | tokens kept (mean ± std, min-max) | FLOPs vs off | wall time vs off | CPU time vs off "
           "| saved/saved (wall) | saved/saved (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
-    off_wall, off_cpu = seconds["off"]
-    stock_wall, stock_cpu = seconds["stock"]
-    print(f"| stock | {TOKENS} | {TOKENS} | 1.000 | {stock_wall / off_wall:.3f} ({stock_wall:.1f} s) "
-          f"| {stock_cpu / off_cpu:.3f} ({stock_cpu:.1f} s) | - | - |")
-    print(f"| off | {TOKENS} | {TOKENS} | 1.000 | 1.000 ({off_wall:.1f} s) | 1.000 ({off_cpu:.1f} s) | - | - |")
+    stock, off = rows["stock"], rows["off"]
+    print(f"| stock | {TOKENS} | {TOKENS} | 1.000 | {stock['wall_vs_off']:.3f} ({stock['wall_s']:.1f} s) "
+          f"| {stock['cpu_vs_off']:.3f} ({stock['cpu_s']:.1f} s) | - | - |")
+    print(f"| off | {TOKENS} | {TOKENS} | 1.000 | 1.000 ({off['wall_s']:.1f} s) | 1.000 ({off['cpu_s']:.1f} s) | - | - |")
     for preset in PRESETS:
-        flops = sum(encoder_flops(m) for m in merges[preset]) / off_flops
-        wall, cpu = seconds[preset][0] / off_wall, seconds[preset][1] / off_cpu
-        counts = np.array(kept[preset])
+        r = rows[preset]
         print(
-            f"| {preset} | {keep[preset]} | {counts.mean():.0f} ± {counts.std():.0f} ({counts.min()}-{counts.max()}) "
-            f"| {flops:.3f} | {wall:.3f} ({seconds[preset][0]:.1f} s) | {cpu:.3f} ({seconds[preset][1]:.1f} s) "
-            f"| {(1 - wall) / (1 - flops):.2f} | {(1 - cpu) / (1 - flops):.2f} |"
+            f"| {preset} | {r['target']} | {r['tokens_mean']:.0f} ± {r['tokens_std']:.0f} ({r['tokens_min']}-"
+            f"{r['tokens_max']}) | {r['flops_vs_off']:.3f} | {r['wall_vs_off']:.3f} ({r['wall_s']:.1f} s) "
+            f"| {r['cpu_vs_off']:.3f} ({r['cpu_s']:.1f} s) | {r['saved_saved_wall']:.2f} | {r['saved_saved_cpu']:.2f} |"
         )
 
 

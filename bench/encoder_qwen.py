@@ -34,9 +34,9 @@ from dymu.vision.qwen_model import CALIBRATION_SIDE, QwenFrameEncoder
 from dymu.vision.qwen_vl import QwenDToMeEncoder
 
 try:  # python -m bench.encoder
-    from bench.encoder import _timed
+    from bench.encoder import _timed, saved_per_saved
 except ImportError:  # python bench/encoder.py: bench/ is the script's folder
-    from encoder import _timed
+    from encoder import _timed, saved_per_saved
 
 log = logging.getLogger("bench.encoder_qwen")
 
@@ -52,16 +52,17 @@ SHAPES = {
 SIZES = {"448x448": (448, 448), "1280x720": (720, 1280)}
 
 
-def build_visual(family: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The vision model, built on the meta device and initialised here (transformers' init is slow on CPU)."""
+def build_visual(family: str, device: torch.device, dtype: torch.dtype, shape: dict | None = None) -> nn.Module:
+    """The vision model (``shape``: config values instead of ``SHAPES[family]``), built on the meta device and
+    initialised here (transformers' init is slow on CPU)."""
     from transformers import Qwen2_5_VLVisionConfig, Qwen3VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     if family == "qwen2.5-vl":
-        config, cls = Qwen2_5_VLVisionConfig(**SHAPES[family]), Qwen2_5_VisionTransformerPretrainedModel
+        config, cls = Qwen2_5_VLVisionConfig(**(shape or SHAPES[family])), Qwen2_5_VisionTransformerPretrainedModel
     else:
-        config, cls = Qwen3VLVisionConfig(**SHAPES[family]), Qwen3VLVisionModel
+        config, cls = Qwen3VLVisionConfig(**(shape or SHAPES[family])), Qwen3VLVisionModel
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = cls(config)
@@ -182,16 +183,21 @@ def calibrated(visual, family, processor, device, dtype, images: int, grouping: 
     return taus
 
 
-def run_presets(args) -> None:
+def run_presets(args, shape: dict | None = None) -> dict:
+    """Calibrate and time every preset at each of ``args.sizes``; prints the table and returns its figures.
+    ``shape``: the encoder's config values instead of ``SHAPES[args.family]`` (a quick run)."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     torch.manual_seed(0)
     started = time.perf_counter()
-    visual = build_visual(args.family, device, dtype)
+    visual = build_visual(args.family, device, dtype, shape)
     processor = processor_for(args.family)
     taus = calibrated(visual, args.family, processor, device, dtype, args.calibration_images, cache=args.taus_cache)
     log.info("built and calibrated in %.0f s: %s", time.perf_counter() - started,
              {p: [round(t, 3) for t in v[:4]] for p, v in taus.items()})
-    shape = SHAPES[args.family]
+    shape = shape or SHAPES[args.family]
+    out = {"family": args.family, "shape": shape, "images": args.images, "rounds": args.rounds,
+           "calibration_images": args.calibration_images, "device": str(device),
+           "dtype": str(dtype).removeprefix("torch."), "sizes": {}}
     print(f"\n{args.family} vision encoder, random weights (depth {shape['depth']}, width {shape['hidden_size']}, "
           f"{shape['num_heads']} heads, patch {shape['patch_size']}); {args.images} synthetic images per size, one "
           f"at a time; {str(dtype).removeprefix('torch.')} on {device}"
@@ -218,7 +224,7 @@ def run_presets(args) -> None:
                     if mode == "stock":
                         def run():
                             with torch.no_grad():
-                                return visual(item.pixel_values, grid_thw=item.grid_thw)
+                                return visual(item.pixel_values, grid_thw=item.grid_thw.to(device))
                     else:
                         encoder = QwenDToMeEncoder(visual, taus=mode_taus)
 
@@ -237,6 +243,17 @@ def run_presets(args) -> None:
         seconds = {mode: times.sum(axis=0) for mode, times in best.items()}
         off_wall, off_cpu = seconds["off"]
         cells = kept["off"][0][1]
+        rows = out["sizes"][size_name] = {"cells": cells}
+        for mode in modes:
+            rows[mode] = {"wall_s": float(seconds[mode][0]), "cpu_s": float(seconds[mode][1]),
+                          "wall_vs_off": float(seconds[mode][0] / off_wall), "cpu_vs_off": float(seconds[mode][1] / off_cpu)}
+        for preset in PRESETS:
+            ratio = flops[preset] / flops["off"]
+            counts = np.array([k for k, _ in kept[preset]])
+            rows[preset].update(flops_vs_off=ratio, tokens_mean=float(counts.mean()), tokens_min=int(counts.min()),
+                                tokens_max=int(counts.max()),
+                                saved_saved_wall=saved_per_saved(rows[preset]["wall_vs_off"], ratio),
+                                saved_saved_cpu=saved_per_saved(rows[preset]["cpu_vs_off"], ratio))
         print(f"| {size_name} | stock | {cells} | - | {seconds['stock'][0] / off_wall:.3f} "
               f"| {seconds['stock'][1] / off_cpu:.3f} | - | - |")
         print(f"| {size_name} | off | {cells} | 1.000 | 1.000 ({off_wall:.1f} s) | 1.000 ({off_cpu:.1f} s) | - | - |")
@@ -245,8 +262,9 @@ def run_presets(args) -> None:
             wall, cpu = seconds[preset][0] / off_wall, seconds[preset][1] / off_cpu
             counts = np.array([k for k, _ in kept[preset]])
             print(f"| {size_name} | {preset} | {counts.mean():.0f} ({counts.min()}-{counts.max()} of {cells}) "
-                  f"| {ratio:.3f} | {wall:.3f} | {cpu:.3f} | {(1 - wall) / (1 - ratio):.2f} "
-                  f"| {(1 - cpu) / (1 - ratio):.2f} |")
+                  f"| {ratio:.3f} | {wall:.3f} | {cpu:.3f} | {rows[preset]['saved_saved_wall']:.2f} "
+                  f"| {rows[preset]['saved_saved_cpu']:.2f} |")
+    return out
 
 
 def run_compare(args) -> None:

@@ -53,13 +53,17 @@ CHECKPOINTS = (1, 64, 256)
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    # Qwen2-0.5B's widths, unless the caller's options narrow them (bench/serve.py --width ...: a dry run)
     config = Qwen2Config(
-        hidden_size=896, num_hidden_layers=args.layers, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=args.vocab, max_position_embeddings=32768,
+        hidden_size=getattr(args, "width", 896), num_hidden_layers=args.layers,
+        num_attention_heads=getattr(args, "heads", 14), num_key_value_heads=getattr(args, "kv_heads", 2),
+        intermediate_size=getattr(args, "mlp", 4864), vocab_size=args.vocab, max_position_embeddings=32768,
         eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(args.seed)
-    return Qwen2ForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
+    with torch.device(args.device):  # drawn where it runs: a CPU takes seconds to draw 0.6B weights, a GPU not
+        model = Qwen2ForCausalLM(config)
+    return model.to(getattr(torch, args.dtype)).eval()
 
 
 def video_prompt(model: torch.nn.Module, frames: int, text_tokens: int,

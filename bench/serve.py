@@ -51,6 +51,7 @@ def run_engine(model, prompts: list[VirtualSequence], config: GenerateConfig, en
     """Answer ``prompts`` together; return wall seconds, step times with every sequence decoding, stats."""
     engine = Engine(model, None, engine_config)
     device = engine.decoder.device
+    sync(device)
     started = time.perf_counter()
     for prompt in prompts:
         engine.add_request(prompt, config, predictor=predictor)
@@ -62,13 +63,15 @@ def run_engine(model, prompts: list[VirtualSequence], config: GenerateConfig, en
         sync(device)
         if before["prefilling"] == 0 and before["waiting"] == 0 and before["decoding"] == len(prompts):
             decode_steps.append(time.perf_counter() - step_started)
-    return {"seconds": time.perf_counter() - started, "decode_steps": decode_steps, "stats": engine.stats()}
+    return {"seconds": time.perf_counter() - started, "decode_steps": decode_steps, "stats": engine.stats(),
+            "attention": engine.attention.name}
 
 
 def stock_generate(model, prompts: list[VirtualSequence], tokens: int) -> dict:
     """transformers' generate on the batch of (unmerged, equal-length) prompts; return its wall seconds."""
     embeds = torch.stack([p.rows for p in prompts])
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    sync(embeds.device)
     started = time.perf_counter()
     with torch.no_grad():
         model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
@@ -115,8 +118,20 @@ def model_with(args: argparse.Namespace, layers: int):
     return build_model(argparse.Namespace(**{**vars(args), "layers": layers}))
 
 
-def batch_table(args: argparse.Namespace, device: torch.device) -> None:
+def engine_config(args: argparse.Namespace, **sizes) -> EngineConfig:
+    """An EngineConfig of ``sizes`` with the run's decode attention backend (``--attention``)."""
+    return EngineConfig(attention=getattr(args, "attention", "auto"), **sizes)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the decoder's weights: what one decode step reads at least once, whatever the batch."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def batch_table(args: argparse.Namespace, device: torch.device) -> dict:
     model = model_with(args, args.layers)
+    out = {"layers": args.layers, "frames": args.frames, "answer_tokens": args.answer_tokens, "pairs": args.pairs,
+           "weight_bytes": weight_bytes(model), "rows": []}
     batches = [int(b) for b in args.batches.split(",")]
     answer = GenerateConfig(max_new_tokens=args.answer_tokens)
     entries = args.frames * 196 + args.text_tokens + args.answer_tokens
@@ -128,8 +143,8 @@ def batch_table(args: argparse.Namespace, device: torch.device) -> None:
     print("|---|---|---|---|---|---|---|---|")
     singles: dict[bool, float] = {}
     for batch in batches:
-        sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
-                             prefill_chunk=batch * entries)
+        sizes = engine_config(args, kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
+                              prefill_chunk=batch * entries)
         off = prompts_for(model, batch, args.frames, args.text_tokens, False, device)
         merged = prompts_for(model, batch, args.frames, args.text_tokens, True, device)
         run_engine(model, off[:1], GenerateConfig(max_new_tokens=2), sizes)  # warm-up
@@ -145,17 +160,25 @@ def batch_table(args: argparse.Namespace, device: torch.device) -> None:
             if batch == 1:
                 singles[name] = rates[name]
         vs = {name: rates[name] / singles[name] if name in singles else float("nan") for name in rates}
+        row = {"running": batch, "decode_tok_s_off": rates["off"], "off_vs_1": vs["off"],
+               "decode_tok_s_merged": rates["merged"], "merged_vs_1": vs["merged"],
+               "engine_off_vs_generate": median_ratio(runs["generate"], runs["off"]),
+               "engine_merged_vs_generate": median_ratio(runs["generate"], runs["merged"]),
+               "seconds": {name: [r["seconds"] for r in results] for name, results in runs.items()},
+               "attention": runs["off"][0]["attention"]}
+        out["rows"].append(row)
         print(f"| {batch} | {rates['off']:.1f} | {vs['off']:.2f}x | {rates['merged']:.1f} | {vs['merged']:.2f}x | "
-              f"{median_ratio(runs['generate'], runs['off']):.2f}x | "
-              f"{median_ratio(runs['generate'], runs['merged']):.2f}x | {os.getloadavg()[0]:.1f} |", flush=True)
+              f"{row['engine_off_vs_generate']:.2f}x | {row['engine_merged_vs_generate']:.2f}x | "
+              f"{os.getloadavg()[0]:.1f} |", flush=True)
+    return out
 
 
-def long_prompt_ratio(args: argparse.Namespace, device: torch.device) -> None:
+def long_prompt_ratio(args: argparse.Namespace, device: torch.device) -> dict:
     model = model_with(args, args.stock_layers)
     batch, tokens = args.stock_batch, args.stock_answer_tokens
     entries = args.stock_frames * 196 + args.text_tokens + tokens
-    sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
-                         prefill_chunk=batch * entries)
+    sizes = engine_config(args, kv_cache_gb=kv_gb_for(model, batch, entries, 16), max_batch=batch,
+                          prefill_chunk=batch * entries)
     off = prompts_for(model, batch, args.stock_frames, args.text_tokens, False, device)
     merged = prompts_for(model, batch, args.stock_frames, args.text_tokens, True, device)
     answer = GenerateConfig(max_new_tokens=tokens)
@@ -169,13 +192,18 @@ def long_prompt_ratio(args: argparse.Namespace, device: torch.device) -> None:
     })
     print("| | seconds per pair | vs `generate` (median of paired ratios) |")
     print("|---|---|---|")
+    out = {"layers": args.stock_layers, "batch": batch, "frames": args.stock_frames, "positions": off[0].num_positions,
+           "answer_tokens": tokens, "pairs": args.pairs, "attention": runs["off"][0]["attention"], "rows": {}}
     for name, label in (("generate", "`generate`, unmerged"), ("off", "engine, off"), ("merged", "engine, 25% (VTU)")):
-        seconds = ", ".join(f"{out['seconds']:.0f}" for out in runs[name])
-        print(f"| {label} | {seconds} | {median_ratio(runs['generate'], runs[name]):.2f}x |")
+        seconds = ", ".join(f"{run['seconds']:.0f}" for run in runs[name])
+        ratio = median_ratio(runs["generate"], runs[name])
+        out["rows"][name] = {"seconds": [run["seconds"] for run in runs[name]], "vs_generate": ratio}
+        print(f"| {label} | {seconds} | {ratio:.2f}x |")
     print(f"\n(at the end: {uptime()})")
+    return out
 
 
-def prune_table(args: argparse.Namespace, device: torch.device) -> None:
+def prune_table(args: argparse.Namespace, device: torch.device) -> dict:
     model = model_with(args, args.prune_layers)
     probe = args.prune_layer if args.prune_layer is not None else (2 if args.prune_layers >= 8 else 0)
     steps, seqs = args.prune_steps, args.prune_seqs
@@ -193,7 +221,8 @@ def prune_table(args: argparse.Namespace, device: torch.device) -> None:
     freed: dict[str, int] = {}
     for _ in range(args.pairs):
         for name, (config, predictor) in configs.items():
-            engine = Engine(model, None, EngineConfig(kv_cache_gb=kv_gb_for(model, seqs, entries, 16), max_batch=seqs))
+            engine = Engine(model, None, engine_config(args, kv_cache_gb=kv_gb_for(model, seqs, entries, 16),
+                                                       max_batch=seqs))
             for _ in range(seqs):
                 engine.add_request(prompt, config, predictor=predictor)
             admitted = admit_at_step(engine, steps, probe, 0.1 if predictor else None, seed=args.seed)
@@ -202,13 +231,14 @@ def prune_table(args: argparse.Namespace, device: torch.device) -> None:
             in_use = engine.stats()["kv_bytes_in_use"]
             times[name].append(time_steps(engine, args.timed_steps))
             freed[name + " in use"] = in_use
+            attention = engine.attention.name
             del engine
     per_pair = [statistics.median(p) / statistics.median(u) for p, u in zip(times["pruned"], times["unpruned"])]
     # Admission under one pool that holds half the sequences unpruned at that step.
     fixed_gb = kv_gb_for(model, max(seqs // 2, 1), prompt.num_positions + steps, 16)
     admitted = {}
     for name, (config, predictor) in configs.items():
-        engine = Engine(model, None, EngineConfig(kv_cache_gb=fixed_gb, max_batch=4 * seqs))
+        engine = Engine(model, None, engine_config(args, kv_cache_gb=fixed_gb, max_batch=4 * seqs))
         for _ in range(4 * seqs):
             engine.add_request(prompt, config, predictor=predictor)
         admitted[name] = admit_at_step(engine, steps, probe, 0.1 if predictor else None, seed=args.seed)
@@ -217,15 +247,22 @@ def prune_table(args: argparse.Namespace, device: torch.device) -> None:
           f"(median of paired ratios) | KV in use MiB | KV freed by pruning MiB | sequences at step {steps} under "
           f"{fixed_gb * 1024:.0f} MiB |")
     print("|---|---|---|---|---|---|")
+    out = {"layers": args.prune_layers, "sequences": seqs, "frames": args.prune_frames, "step": steps,
+           "positions": prompt.num_positions, "attention": attention, "fixed_pool_mib": fixed_gb * 1024,
+           "pruned_vs_unpruned": statistics.median(per_pair), "rows": {}}
     for name in configs:
         ms = ", ".join(f"{1000 * statistics.median(t):.0f}" for t in times[name])
         ratio = f"{statistics.median(per_pair):.2f}" if name == "pruned" else "1.00"
+        out["rows"][name] = {"step_ms": [1000 * statistics.median(t) for t in times[name]],
+                             "kv_in_use_mib": freed[name + " in use"] / 2**20, "kv_freed_mib": freed[name] / 2**20,
+                             "admitted_under_fixed_pool": admitted[name]}
         print(f"| {name} | {ms} | {ratio} | {freed[name + ' in use'] / 2**20:.0f} | {freed[name] / 2**20:.0f} | "
               f"{admitted[name]} |")
     print(f"\n(at the end: {uptime()})")
+    return out
 
 
-def prefix_ttft(args: argparse.Namespace, device: torch.device) -> None:
+def prefix_ttft(args: argparse.Namespace, device: torch.device) -> dict:
     model = model_with(args, args.prefix_layers)
     _, video = video_prompt(model, args.prefix_frames, args.text_tokens, seed=99)
     video = video.to(device, model.dtype)
@@ -233,16 +270,18 @@ def prefix_ttft(args: argparse.Namespace, device: torch.device) -> None:
     prefix = before + args.prefix_frames * 196
     # A second question: the same video, other words after it.
     rows = video.rows.clone()
-    rows[-after:] = torch.randn(after, rows.shape[1], generator=torch.Generator().manual_seed(7)) * rows.std()
+    rows[-after:] = (torch.randn(after, rows.shape[1], generator=torch.Generator().manual_seed(7)).to(rows)
+                     * rows.std())
     second = VirtualSequence(rows, video.mapping, video.visual)
-    sizes = EngineConfig(kv_cache_gb=kv_gb_for(model, 3, video.num_positions + 64, 16),
-                         prefix_cache_gb=kv_gb_for(model, 1, prefix, 16), prefill_chunk=video.num_positions)
+    sizes = engine_config(args, kv_cache_gb=kv_gb_for(model, 3, video.num_positions + 64, 16),
+                          prefix_cache_gb=kv_gb_for(model, 1, prefix, 16), prefill_chunk=video.num_positions)
     run_engine(model, [second], GenerateConfig(max_new_tokens=1), sizes)  # warm-up
     ratios, firsts, seconds = [], [], []
     for _ in range(args.pairs):
         engine = Engine(model, None, sizes)
         ttft = []
         for question in (video, second):
+            sync(device)
             started = time.perf_counter()
             engine.add_request(question, GenerateConfig(max_new_tokens=1), prefix_key="video", prefix_positions=prefix)
             engine.run()
@@ -255,13 +294,67 @@ def prefix_ttft(args: argparse.Namespace, device: torch.device) -> None:
     print(f"Time to first token: first question {', '.join(f'{s:.2f}' for s in firsts)} s, second (prefix hit) "
           f"{', '.join(f'{s:.3f}' for s in seconds)} s; median of paired ratios {statistics.median(ratios):.0f}x "
           f"({uptime()}).")
+    return {"layers": args.prefix_layers, "frames": args.prefix_frames, "positions": video.num_positions,
+            "prefix_positions": prefix, "attention": engine.attention.name, "first_s": firsts, "second_s": seconds,
+            "first_vs_second": statistics.median(ratios)}
 
 
-def main() -> None:
+def profile_decode(args: argparse.Namespace, device: torch.device, sequences: int = 32, steps: int = 5) -> dict:
+    """Where a decode step's time goes: ``steps`` engine steps with ``sequences`` merged 1-frame prompts decoding
+    (``--layers``), timed plainly, then again under torch.profiler; the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = model_with(args, args.layers)
+    tokens = args.answer_tokens + 2 * steps + 8  # no sequence finishes while timed
+    entries = args.frames * 196 + args.text_tokens + tokens
+    engine = Engine(model, None, engine_config(args, kv_cache_gb=kv_gb_for(model, sequences, entries, 16),
+                                               max_batch=sequences, prefill_chunk=sequences * entries))
+    for prompt in prompts_for(model, sequences, args.frames, args.text_tokens, True, device):
+        engine.add_request(prompt, GenerateConfig(max_new_tokens=tokens))
+    while (stats := engine.stats())["decoding"] < sequences or stats["prefilling"] or stats["waiting"]:
+        engine.step()
+    time_steps(engine, 3)  # warm-up (a compiled backend compiles here)
+    plain = time_steps(engine, steps)
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        time_steps(engine, steps)
+    events = prof.key_averages()
+
+    def self_device_us(event) -> float:  # the attribute's name changed across PyTorch releases
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) or 0.0)
+
+    key = self_device_us if on_gpu else (lambda event: float(event.self_cpu_time_total))
+    top = sorted(events, key=key, reverse=True)[:15]
+    result = {
+        "sequences": sequences, "layers": args.layers, "steps": steps, "attention": engine.attention.name,
+        "weight_bytes": weight_bytes(model), "step_ms_plain": [1000 * t for t in plain],
+        "step_ms_median": 1000 * statistics.median(plain),
+        "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1000 / steps,
+        "self_device_ms_per_step": sum(self_device_us(e) for e in events) / 1000 / steps if on_gpu else None,
+        "top": [{"name": e.key, "calls_per_step": e.count / steps, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                 "self_device_ms_per_step": self_device_us(e) / 1000 / steps if on_gpu else None} for e in top],
+    }
+    print(f"\n## Decode step profile: {sequences} sequences, {args.layers} layers, {result['attention']}: "
+          f"{result['step_ms_median']:.1f} ms a step (median of {steps}); per step under the profiler: self CPU "
+          f"{result['self_cpu_ms_per_step']:.1f} ms" + (f", self GPU {result['self_device_ms_per_step']:.1f} ms"
+                                                         if on_gpu else "") + "\n")
+    print("| operator | calls/step | self CPU ms/step | self GPU ms/step |")
+    print("|---|---|---|---|")
+    for row in result["top"]:
+        gpu = f"{row['self_device_ms_per_step']:.2f}" if on_gpu else "-"
+        print(f"| {row['name']} | {row['calls_per_step']:.0f} | {row['self_cpu_ms_per_step']:.2f} | {gpu} |")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--width", type=int, default=896, help="decoder width (Qwen2-0.5B's by default)")
+    parser.add_argument("--heads", type=int, default=14)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--mlp", type=int, default=4864)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers for 1. (24 = Qwen2-0.5B)")
     parser.add_argument("--frames", type=int, default=1, help="frames (196 positions each) per prompt in 1.")
     parser.add_argument("--text-tokens", type=int, default=32)
@@ -283,16 +376,24 @@ def main() -> None:
     parser.add_argument("--only", default="1,2,3,4", help="which parts to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex"],
+                        help="the engine's decode attention (default: flex on CUDA, sdpa elsewhere)")
+    return parser
+
+
+PARTS = {"1": batch_table, "2": long_prompt_ratio, "3": prune_table, "4": prefix_ttft}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    parts = {"1": batch_table, "2": long_prompt_ratio, "3": prune_table, "4": prefix_ttft}
     print(f"Qwen2-0.5B-shaped random decoders, vocabulary {args.vocab}, {args.device} {args.dtype}"
           + (f", {args.threads} thread(s)" if args.device == "cpu" else "") + f"; {uptime()}")
     for part in args.only.split(","):
-        parts[part](args, device)
+        PARTS[part](args, device)
         if device.type == "cuda":
             print(f"\nPeak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB.")
         else:

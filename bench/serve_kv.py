@@ -33,7 +33,7 @@ def prune_like_schedule(request: Request, probe_layer: int, keep_visual: float, 
     visual = kv.visual(probe_layer + 1)
     visual_index = visual.nonzero().squeeze(1)
     count = math.ceil(keep_visual * int(visual_index.shape[0]))
-    chosen = visual_index[torch.randperm(visual_index.shape[0], generator=generator)[:count]]
+    chosen = visual_index[torch.randperm(visual_index.shape[0], generator=generator)[:count].to(visual_index.device)]
     index = torch.cat([(~visual).nonzero().squeeze(1), chosen]).sort().values
     for layer in range(probe_layer + 1, kv.num_layers):
         kv.keep(layer, index)
@@ -58,8 +58,8 @@ def write_random(pool, slots: torch.Tensor, generator: torch.Generator) -> None:
     """Random keys and values at ``slots``: rows of one small random table, cycled (drawing gigabytes of
     fresh random numbers would cost more than the steps being timed)."""
     rows = 1021  # prime, so that no block sees the same rows as its neighbour
-    table = torch.randn(2, rows, *pool.keys.shape[1:], generator=generator)
-    pick = torch.arange(slots.shape[0]) % rows
+    table = torch.randn(2, rows, *pool.keys.shape[1:], generator=generator).to(pool.keys.device)
+    pick = torch.arange(slots.shape[0], device=pool.keys.device) % rows
     pool.write(slots, table[0].index_select(0, pick), table[1].index_select(0, pick))
 
 

@@ -182,11 +182,15 @@ def make_tiny_checkpoint(
     family: str = "llava-onevision",
     seed: int = 0,
     sizes: TinySizes | None = None,
+    init_device: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` into ``out_dir`` and return its path.
 
     The same seed gives the same weights and tokenizer. The folder holds what a hub checkpoint holds, so
-    every loader in this package (and transformers' own) treats it as a real model.
+    every loader in this package (and transformers' own) treats it as a real model. ``init_device`` (e.g.
+    "cuda") draws the weights there, and ``dtype`` saves them in that dtype: for full-size shapes on a GPU,
+    where drawing billions of weights on the CPU takes a minute (other weights than the CPU's, same seed).
     """
     if family not in FAMILIES:
         from dymu.errors import DymuError
@@ -196,7 +200,7 @@ def make_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if family in ("qwen2.5-vl", "qwen3-vl"):
-        _save_qwen(out, family, seed, sizes)
+        _save_qwen(out, family, seed, sizes, init_device, dtype)
         log.info("wrote tiny %s checkpoint to %s", family, out)
         return out
 
@@ -209,8 +213,7 @@ def make_tiny_checkpoint(
         config, tokenizer, image_processor, chat_template = _llava_parts(sizes)
         model_cls = LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    model = _random_model(model_cls, config, seed, init_device, dtype)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.chat_template = chat_template
@@ -222,7 +225,23 @@ def make_tiny_checkpoint(
     return out
 
 
-def _save_qwen(out: Path, family: str, seed: int, sizes: TinySizes) -> None:
+def _random_model(model_cls, config, seed: int, init_device: str | None, dtype: torch.dtype | None):
+    torch.manual_seed(seed)
+    try:
+        with torch.device(init_device or "cpu"):
+            model = model_cls(config).eval()
+    except Exception as exc:  # noqa: BLE001 - a model class that cannot be built there: the CPU always works
+        if init_device in (None, "cpu"):
+            raise
+        log.warning("could not draw the weights on %s (%s: %s); drawing them on the CPU", init_device,
+                    type(exc).__name__, exc)
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def _save_qwen(out: Path, family: str, seed: int, sizes: TinySizes, init_device: str | None = None,
+               dtype: torch.dtype | None = None) -> None:
     """Qwen-VL checkpoints are saved through their own processor class (it writes the tokenizer, the image
     and video processor configs and the chat template), so AutoProcessor loads them back as they are."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
@@ -235,8 +254,7 @@ def _save_qwen(out: Path, family: str, seed: int, sizes: TinySizes) -> None:
     else:
         config, processor, _ = qwen3_vl_parts(sizes)
         model_cls = Qwen3VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    model = _random_model(model_cls, config, seed, init_device, dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.tokenizer.pad_token_id
     )

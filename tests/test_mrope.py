@@ -199,3 +199,20 @@ def test_bad_inputs_fail_clearly(model):
         prefill(load_decoder(tiny_decoder("qwen2")), sequence, empty_cache(load_decoder(model)))
     with pytest.raises(DymuError, match="grids"):
         stock_positions(model, ids, image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def test_text_positions_reach_the_rotary_module_as_three_equal_rows(model):
+    """transformers 5.17's Qwen-VL rotary modules index (3, batch, n) position ids and fail on (1, n)."""
+    from dymu.llm.decoder import rope_tables
+
+    decoder = load_decoder(model)
+    seen = []
+    handle = decoder.rotary_emb.register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    try:
+        cos, sin = rope_tables(decoder, torch.arange(5))
+    finally:
+        handle.remove()
+    assert seen[0].shape == (3, 1, 5) and torch.equal(seen[0][0, 0], seen[0][2, 0])
+    assert cos.shape == sin.shape == (5, decoder.head_dim)
+    cos3, _ = rope_tables(decoder, torch.arange(5).expand(3, -1))
+    assert torch.equal(cos, cos3)

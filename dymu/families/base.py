@@ -73,7 +73,9 @@ class LlavaParts:
     @classmethod
     def load(cls, model_id: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
         import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
+        # From its module: transformers 5.17 exports AutoImageProcessor as a stub that demands torchvision.
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         model = load_pretrained(getattr(transformers, cls.model_class), model_id, revision, dtype=dtype)
         tokenizer = load_pretrained(AutoTokenizer, model_id, revision)

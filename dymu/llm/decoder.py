@@ -108,8 +108,10 @@ def rope_tables(decoder: Decoder, positions: torch.Tensor) -> tuple[torch.Tensor
             kind = "M-RoPE decoder" if decoder.mrope else "decoder with 1-D RoPE"
             raise DymuError(f"a {kind} cannot take positions of shape {tuple(positions.shape)}")
         positions = positions[:, None]  # (3, batch 1, n)
-    elif decoder.mrope:  # text: t = h = w (given as three rows: releases before 5.2x take no 1-D ids here)
-        positions = positions.expand(3, -1)[:, None]
+    elif decoder.mrope:
+        # Spelled out as three equal rows (t = h = w, as for text): older transformers (5.17) take nothing
+        # else, newer broadcast (1, n).
+        positions = positions[None, None].expand(3, 1, -1)
     else:
         positions = positions[None]
     cos, sin = decoder.rotary_emb(probe, positions)

@@ -86,7 +86,9 @@ def load_vision_model(
     language model is dropped at once.
     """
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor
+    from transformers import AutoConfig
+    # From its module: transformers 5.17 exports AutoImageProcessor as a stub that demands torchvision.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     device, dtype = resolve_device_dtype(device, dtype)
     try:
