@@ -21,6 +21,7 @@ from PIL import Image
 from dymu.families.qwen_vl import QwenVLFamily
 from dymu.temporal import merge_frames
 from dymu.tokens import MergedTokens
+from dymu.vision.qwen_inputs import fill_last_slot
 from dymu.vision.qwen_vl import QwenDToMeEncoder
 from dymu.visual import PendingTokens
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def slot_seconds(frame_seconds: Sequence[float], slots: int) -> list[float]:
     """The middle of each temporal slot's frame pair (the processor repeats the last frame of an odd count)."""
-    seconds = list(frame_seconds) + list(frame_seconds[-1:]) * (len(frame_seconds) % 2)
+    seconds = fill_last_slot(frame_seconds)
     return [float(a + b) / 2 for a, b in zip(seconds[0::2], seconds[1::2])][:slots]
 
 

@@ -77,6 +77,25 @@ def test_preset_off_through_the_engine_equals_transformers_generate(family):
         assert results[request_id].tokens == stock.tolist()
 
 
+@pytest.mark.parametrize("prefill_chunk", [4, 64])
+def test_merged_qwen3_rows_get_their_deepstack_feature_once(prefill_chunk):
+    """Two Qwen3-VL prompts whose visual rows have known group sizes (tests/deepstack_reference.py), prefilled
+    in one batch (chunk 64) or in chunks (4): the first logits equal the literal reference, in which each
+    merged row gets its DeepStack feature once, not once per position it plays."""
+    from tests.deepstack_reference import known_groups_prompt
+    from tests.qwen_models import tiny_qwen_vl
+
+    model = tiny_qwen_vl("qwen3-vl")
+    prompts = [known_groups_prompt(model, seed=seed, before=4 + seed) for seed in (0, 1)]
+    text = model.config.text_config
+    budget = 200 * block_bytes(4, text.num_key_value_heads, text.head_dim, torch.float32) / 2**30
+    engine = Engine(model, None, EngineConfig(kv_cache_gb=budget, block_size=4, prefill_chunk=prefill_chunk))
+    ids = [engine.add_request(sequence, GenerateConfig(max_new_tokens=1, keep_logits=True)) for sequence, _ in prompts]
+    results = engine.run()
+    for request_id, (_, reference) in zip(ids, prompts):
+        torch.testing.assert_close(results[request_id].logits[0].double(), reference[-1], atol=2e-5, rtol=1e-5)
+
+
 def test_tiny_budget_preempts_and_recomputes_and_every_answer_is_unchanged():
     model = tiny_decoder("llama")
     requests = [(merged_prompt(model, seed=s, groups=6 + s), GenerateConfig(max_new_tokens=24)) for s in range(4)]

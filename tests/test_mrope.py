@@ -172,6 +172,18 @@ def test_vtu_is_closer_to_the_unmerged_model_than_no_vtu(model, kind):
     assert kl_vtu < kl_no_vtu, (kl_vtu, kl_no_vtu)
 
 
+def test_merged_rows_get_their_deepstack_feature_once_as_the_literal_reference():
+    """Rows of known group sizes (3, 2, 2, 2, 1, 3, 1, 2): every position's logits equal a literal float64
+    reference in which each merged row gets its DeepStack feature once, not once per position it plays."""
+    from tests.deepstack_reference import known_groups_prompt
+
+    model = tiny_qwen_vl("qwen3-vl")
+    sequence, reference = known_groups_prompt(model)
+    decoder = load_decoder(model)
+    ours = prefill(decoder, sequence, empty_cache(decoder), all_logits=True).position_logits
+    torch.testing.assert_close(ours.double(), reference, atol=2e-5, rtol=1e-5)
+
+
 def test_pruning_runs_on_mrope_prompts(model):
     ids, stock, positions = visual_inputs(model, "video")
     features, deepstack = visual_features(model, stock)

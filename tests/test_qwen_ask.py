@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def media(tmp_path_factory):
         "video": changing_video(root / "changing.mp4", num_frames=8, size=64),
         "static": static_video(root / "static.mp4", num_frames=8, size=64),
         "image": textured_image(root / "photo.png", size=96),
+        "one": changing_video(root / "one.mp4", num_frames=1, size=64),
     }
 
 
@@ -42,9 +44,11 @@ def qa_off(checkpoint):
     return VideoQA.from_pretrained(str(checkpoint), preset="off", num_frames=4, max_new_tokens=12, device="cpu")
 
 
-def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> tuple[list[int], dict]:
+def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int, fill_slot: bool = False
+                        ) -> tuple[list[int], dict]:
     """What transformers' own pipeline answers: the processor's chat template and inputs, then generate.
-    Video frames are the ones dymu sampled, given with their metadata (the processor then samples none)."""
+    Video frames are the ones dymu sampled, given with their metadata (the processor then samples none);
+    ``fill_slot``: a lone frame given twice, the one way Qwen3-VL's processor takes it."""
     from transformers.video_utils import VideoMetadata
 
     processor, model = qa.family.processor, qa.family.model
@@ -54,7 +58,8 @@ def transformers_answer(qa: VideoQA, path, kind: str, max_new_tokens: int) -> tu
     if kind == "image":
         inputs = processor(text=[text], images=[media.image.convert("RGB")], return_tensors="pt")
     else:
-        inputs = processor(text=[text], videos=[media.frames], video_metadata=[VideoMetadata(**media.video_metadata)],
+        frames = np.concatenate([media.frames, media.frames[-1:]]) if fill_slot else media.frames
+        inputs = processor(text=[text], videos=[frames], video_metadata=[VideoMetadata(**media.video_metadata)],
                            do_sample_frames=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -78,6 +83,19 @@ def test_preset_off_is_token_for_token_transformers_pipeline(qa_off, media, kind
     if kind == "video":
         assert answer.report["frames"] == 4 and answer.report["slots"] == 2  # two frames per temporal slot
         assert len(answer.report["tokens"]["dtome_per_frame"]) == 2  # the token counts are per slot
+
+
+@pytest.mark.parametrize("clip, frames", [("one", 4), ("video", 1)])
+def test_a_single_frame_is_one_slot_of_that_frame_repeated(checkpoint, media, clip, frames):
+    """A one-frame video, or `--frames 1`: the frame fills a temporal slot (Qwen3-VL's processor refuses fewer
+    frames than a slot), and `off` answers as transformers' pipeline given that frame twice."""
+    qa = VideoQA.from_pretrained(str(checkpoint), preset="off", num_frames=frames, max_new_tokens=8, device="cpu")
+    assert qa.read(media[clip]).frames.shape[0] == 1
+    answer = qa.ask(media[clip], QUESTION)
+    assert answer.report["frames"] == 1 and answer.report["slots"] == 1
+    assert len(answer.report["timestamps"]) == 1
+    expected, inputs = transformers_answer(qa, media[clip], "video", 8, fill_slot=True)
+    assert answer.tokens == expected and int(inputs["video_grid_thw"][0, 0]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +152,17 @@ def test_ask_and_caption_commands(tiny_qwen25, tiny_qwen3, media, tmp_path, caps
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["kind"] for line in lines) == ["image", "video"]
     assert all("caption" in line for line in lines)
+
+
+def test_caption_takes_one_frame_on_qwen3(tiny_qwen3, media, tmp_path, capsys):
+    """`caption` (the Ray pipeline `ask` and `serve` run too) on a one-frame video and a longer one with
+    `--frames 1`: Qwen3-VL recorded `t:1 must be larger than temporal_factor:2` for both."""
+    out = tmp_path / "captions.jsonl"
+    rc = main(["caption", str(media["one"]), str(media["video"]), "--model", str(tiny_qwen3), "--frames", "1",
+               "--max-new-tokens", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 and all(line.get("caption") and line["frames"] == 1 for line in lines), lines
 
 
 @pytest.mark.parametrize("path, args, message", [

@@ -38,11 +38,33 @@ def test_frame_count_is_the_processors_fps_rule(processors, total, video_fps):
     assert count == min(max(4, int(total / video_fps * 2) // 2 * 2), total // 2 * 2, 768)
 
 
-def test_frame_count_refuses_what_cannot_make_a_slot():
-    with pytest.raises(DymuError, match="at least 2 frames"):
-        qwen_frame_count(1, 30.0)
+def test_frame_count_takes_a_one_frame_video_and_refuses_none():
+    assert qwen_frame_count(1, 30.0) == 1  # video_inputs repeats it into a slot
+    with pytest.raises(DymuError, match="at least one frame"):
+        qwen_frame_count(0, 30.0)
     with pytest.raises(DymuError, match="positive frame rate"):
         qwen_frame_count(100, 0.0)
+
+
+def test_one_frame_fills_a_slot_as_the_processor_pairs_frames(processors, tmp_path):
+    """One frame is given twice (Qwen3-VL's processor refuses one); an odd count from three up is given as it
+    is (the processor repeats the last frame itself, and sizes the frames by their count)."""
+    frames = np.stack([media.textured_frame(96, seed=i) for i in range(3)])
+    for family, processor in processors.items():
+        one = video_inputs(processor, frames[:1], [0.5])
+        twice = processor.video_processor(videos=[np.concatenate([frames[:1]] * 2)], do_sample_frames=False,
+                                          return_tensors="pt")
+        assert one.grid_thw[0, 0] == 1 and torch.equal(one.grid_thw, twice["video_grid_thw"]), family
+        torch.testing.assert_close(one.pixel_values, twice["pixel_values_videos"])
+        assert one.slot_timestamps == [[0.5]] and one.seconds_per_slot == [0.0]
+        three = video_inputs(processor, frames, [0.0, 1.0, 2.0])
+        stock = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+        torch.testing.assert_close(three.pixel_values, stock["pixel_values_videos"])
+        assert three.slot_timestamps == [[0.5, 2.0]]
+    path = media.changing_video(tmp_path / "one.mp4", num_frames=1, size=96)
+    from dymu.vision.qwen_inputs import read_video_inputs
+
+    assert int(read_video_inputs(processors["qwen3-vl"], path).grid_thw[0, 0]) == 1
 
 
 def test_slot_times_and_seconds_match_the_processors(processors, tmp_path):

@@ -81,6 +81,23 @@ def test_a_window_answers_as_ask_over_the_same_frames(engine):
     assert answer.report["slots"] == expected.report["slots"] == 4
 
 
+def test_a_feed_ending_on_one_frame_makes_a_slot_of_it_repeated(engine):
+    """A lone last frame (a feed that ends, or changes size, on an odd frame) is its own slot: the frame
+    given twice, as the processor pairs it (Qwen3-VL's processor refuses a single frame)."""
+    frames = feed_frames(2)
+    alone, = engine.encode_frames(frames[:1], [7.0])
+    pair, = engine.encode_frames([frames[0], frames[0]], [7.0, 7.0])
+    assert alone.meta["frame_times"] == [7.0] and alone.timestamps == [7.0]
+    torch.testing.assert_close(alone.embeds, pair.embeds)
+    for ours, theirs in zip(alone.deepstack, pair.deepstack, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    memory = FeedMemory(window_s=60, threshold=engine.config.temporal_threshold)
+    memory.add(engine.encode_frames(frames, [6.0, 6.5]) + [alone])
+    window = memory.window(engine.newline())
+    assert window.meta["frames"] == 3 and window.meta["slots"] == 2
+    assert engine.answer(window, QUESTION).tokens
+
+
 def test_eviction_drops_whole_slots_with_their_deepstack_rows(engine):
     frames, times = feed_frames(10), [float(i) / 2 for i in range(10)]
     memory = FeedMemory(window_s=1.6, threshold=engine.config.temporal_threshold)

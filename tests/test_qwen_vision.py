@@ -167,6 +167,61 @@ def test_deepstack_features_follow_the_final_merge_map(qwen3):
         assert float(cosine.mean()) > 0.8
 
 
+def _cell_patch_hw(h: int, w: int) -> torch.Tensor:
+    """(cells, 4, 2) (h, w) rotary coordinates of each merger cell's patches, cells in the LLM's row-major order."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    return get_vision_position_ids(torch.tensor([[1, h, w]]), 2).view(h * w // 4, 4, 2).double()
+
+
+def _sorted_rows(hw: torch.Tensor) -> torch.Tensor:
+    """Rows (M, 4, 2) in lexicographic order of their coordinates (the encoder's row order is its own)."""
+    flat = hw.flatten(1)
+    for column in reversed(range(flat.shape[1])):
+        flat = flat[torch.argsort(flat[:, column], stable=True)]
+    return flat
+
+
+def test_a_merged_row_is_rotated_at_the_mean_position_of_its_patches(qwen):
+    """Merging in the first block only: the next block's rotary angles are taken at each row's mean (h, w),
+    patch by patch of its 2x2 cells (the rows of its merged cells averaged), not at its first cell's."""
+    model, processor = qwen
+    visual = model.model.visual
+    pixels, grid = _images(processor, [_flat(112, 112)])
+    calls = []
+    hook = visual.rotary_pos_emb.register_forward_hook(lambda module, args, out: calls.append(args[1].double()))
+    try:
+        taus = [-1.0] + [1.0] * (len(visual.blocks) - 1)
+        (merged,) = QwenDToMeEncoder(visual, taus=taus)(pixels, grid)
+    finally:
+        hook.remove()
+    _, h, w = grid[0].tolist()
+    assert merged.num_unique < merged.num_positions and len(calls) == 2  # before and after the merge
+    cells = _cell_patch_hw(h, w)
+    mean = torch.zeros(merged.num_unique, 4, 2, dtype=torch.float64).index_add_(0, merged.mapping, cells)
+    mean /= merged.sizes[:, None, None].double()
+    first = cells[[int((merged.mapping == row).nonzero()[0]) for row in range(merged.num_unique)]]
+    assert not torch.allclose(_sorted_rows(mean), _sorted_rows(first))  # the two rules differ here
+    torch.testing.assert_close(_sorted_rows(calls[-1].view(-1, 4, 2)), _sorted_rows(mean))
+
+
+def test_deepstack_rows_hold_the_mean_of_their_cells_tap_features(qwen3):
+    """Merging in the last block only, after both DeepStack taps: each row's tap features are, value for
+    value, the mean of the stock tap features of the cells it stands for (not their sum)."""
+    model, processor = qwen3
+    visual = model.model.visual
+    pixels, grid = _images(processor, [_flat(128, 128)])
+    taus = [1.0] * (len(visual.blocks) - 1) + [-1.0]
+    assert max(visual.config.deepstack_visual_indexes) < len(visual.blocks) - 1
+    (merged,) = QwenDToMeEncoder(visual, taus=taus)(pixels, grid)
+    assert int(merged.sizes.max()) > 1
+    with torch.no_grad():
+        stock = model.model.get_image_features(pixels, grid)
+    for ours, tap in zip(merged.deepstack, stock.deepstack_features, strict=True):
+        mean = torch.zeros_like(ours).index_add_(0, merged.mapping, tap[0]) / merged.sizes[:, None].float()
+        torch.testing.assert_close(ours, mean, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_are_refused(qwen25):
     model, processor = qwen25
     pixels, grid = _images(processor, [_noise()])

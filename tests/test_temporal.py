@@ -107,6 +107,20 @@ def test_merged_row_spans_several_frames():
     assert max(frames_per_row) == 5
 
 
+@pytest.mark.parametrize("spatial", [True, False])
+def test_each_frame_is_compared_with_the_one_just_before(spatial):
+    """[A, A, B, B], a cut between the pairs: the new rows per frame are [P, 0, P, 0], and frame 3 reuses
+    frame 2's rows (compared with frame 1, two back, it would keep all its rows)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(POSITIONS, WIDTH, generator=g) for _ in range(2))
+    frames = [one_frame(x + 0.01 * torch.randn(POSITIONS, WIDTH, generator=g), timestamp=0.5 * f)
+              for f, x in enumerate([a, a, b, b])]
+    merged = merge_frames(frames, 0.9, spatial=spatial).validate()
+    assert merged.rows_per_frame() == [POSITIONS, 0, POSITIONS, 0]
+    per_frame = merged.mapping.view(4, POSITIONS)
+    assert torch.equal(per_frame[1], per_frame[0]) and torch.equal(per_frame[3], per_frame[2])
+
+
 def test_partial_change_keeps_changed_rows():
     frames = static_frames(num_frames=2, noise=0.0)
     g = torch.Generator().manual_seed(4)

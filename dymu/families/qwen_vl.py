@@ -81,14 +81,18 @@ class QwenVLFamily:
 
         ``video_metadata`` ({total_num_frames, fps, frames_indices}) says where the frames were taken, which
         sets Qwen2.5-VL's seconds per temporal slot and Qwen3-VL's timestamps; without it the frames are
-        taken as 1 s apart.
+        taken as 1 s apart. A single frame is repeated into a temporal slot (``processor_frames``).
         """
         from transformers.video_utils import VideoMetadata
 
+        from dymu.vision.qwen_inputs import processor_frames
+
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise DymuError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
+        # The metadata stays the sampled frames' own: the processors repeat an odd last index as they need.
         metadata = VideoMetadata(**(video_metadata or default_metadata(len(frames))))
-        out = self.processor.video_processor(videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+        video = processor_frames(frames, self.processor.video_processor.temporal_patch_size)
+        out = self.processor.video_processor(videos=[video], video_metadata=[metadata], do_sample_frames=False,
                                              return_metadata=True, return_tensors="pt")
         return {"pixel_values_videos": out["pixel_values_videos"], "video_grid_thw": out["video_grid_thw"],
                 "video_metadata": out["video_metadata"][0]}

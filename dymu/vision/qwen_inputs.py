@@ -4,7 +4,8 @@
   min/max pixel budgets; nothing here resizes on its own.
 - Frame sampling by fps, as ``qwen-vl-utils`` does: ``duration * fps`` frames, clamped to
   [min_frames, max_frames] and to the video's length, rounded down to an even count (two frames per
-  temporal slot), spread evenly over the video (``qwen_frame_count`` + ``dymu.frames.read_video_frames``).
+  temporal slot; a one-frame video gives its frame, repeated into one slot), spread evenly over the
+  video (``qwen_frame_count`` + ``dymu.frames.read_video_frames``).
 - Times: a temporal slot lasts ``2 / sampled_fps`` seconds (Qwen2.5-VL's ``second_per_grid_ts``) and sits at
   the mean time of its two frames (Qwen3-VL's text timestamps).
 """
@@ -60,22 +61,39 @@ class QwenVisualInput:
 
 def qwen_frame_count(total_frames: int, video_fps: float, fps: float = QWEN_FPS, min_frames: int = QWEN_MIN_FRAMES,
                      max_frames: int = QWEN_MAX_FRAMES) -> int:
-    """Frames to sample from a video, by qwen-vl-utils' rule (always even: two frames per temporal slot)."""
-    if total_frames < FRAMES_PER_SLOT:
-        raise DymuError(f"a Qwen-VL video needs at least {FRAMES_PER_SLOT} frames, this one has {total_frames}")
+    """Frames to sample from a video, by qwen-vl-utils' rule (even: two frames per temporal slot), or the one
+    frame of a one-frame video (``video_inputs`` repeats it into a slot)."""
+    if total_frames < 1:
+        raise DymuError("a Qwen-VL video needs at least one frame, this one has none")
     if not video_fps > 0 or not fps > 0:
         raise DymuError("sampling by fps needs a positive frame rate for the video and for the sampling")
+    if total_frames < FRAMES_PER_SLOT:
+        return total_frames
     low = math.ceil(min_frames / FRAMES_PER_SLOT) * FRAMES_PER_SLOT
     high = math.floor(min(max_frames, total_frames) / FRAMES_PER_SLOT) * FRAMES_PER_SLOT
     wanted = min(max(total_frames / video_fps * fps, low), high, total_frames)
     return max(FRAMES_PER_SLOT, math.floor(wanted / FRAMES_PER_SLOT) * FRAMES_PER_SLOT)
 
 
+def fill_last_slot(items: Sequence | np.ndarray, per_slot: int = FRAMES_PER_SLOT) -> list | np.ndarray:
+    """``items`` (frames, or their times) with the last one repeated up to a whole number of temporal slots:
+    how the Qwen-VL processors pair an odd count (their ``patchify`` and Qwen3-VL's timestamps)."""
+    pad = -len(items) % per_slot
+    if isinstance(items, np.ndarray):
+        return np.concatenate([items, np.repeat(items[-1:], pad, axis=0)]) if pad else items
+    return list(items) + list(items[-1:]) * pad
+
+
+def processor_frames(frames: np.ndarray, per_slot: int = FRAMES_PER_SLOT) -> np.ndarray:
+    """The frames to give a Qwen-VL video processor: a clip shorter than one slot (one frame) filled up to a
+    slot, since Qwen3-VL's resize refuses it; longer ones as they are, since the processor fills their last
+    slot itself and its pixel budget counts the frames it is given (transformers' pipeline on these frames)."""
+    return fill_last_slot(frames, per_slot) if len(frames) < per_slot else frames
+
+
 def slot_times(frame_timestamps: Sequence[float]) -> list[float]:
     """Mean time of each slot's frames (an odd last frame is repeated, as the processors pad it)."""
-    times = list(frame_timestamps)
-    if len(times) % FRAMES_PER_SLOT:
-        times.append(times[-1])
+    times = fill_last_slot(frame_timestamps)
     return [(times[i] + times[i + FRAMES_PER_SLOT - 1]) / 2 for i in range(0, len(times), FRAMES_PER_SLOT)]
 
 
@@ -100,7 +118,8 @@ def video_inputs(processor, frames: np.ndarray, timestamps: Sequence[float], tot
         raise DymuError(f"frames must be a (T, H, W, 3) array with T >= 1, got shape {frames.shape}")
     if len(timestamps) != frames.shape[0]:
         raise DymuError(f"{len(timestamps)} timestamps for {frames.shape[0]} frames")
-    out = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    out = processor.video_processor(videos=[processor_frames(frames, processor.video_processor.temporal_patch_size)],
+                                    do_sample_frames=False, return_tensors="pt")
     stamps = slot_times(timestamps)
     if total_frames and video_fps:
         seconds = FRAMES_PER_SLOT / (frames.shape[0] / total_frames * video_fps)
