@@ -261,3 +261,30 @@ def test_engine_thread_serves_requests_from_other_threads_and_fails_bad_ones_alo
     assert finished["a"] == generate(model, good[0], config).tokens
     assert finished["b"] == generate(model, good[1], config).tokens
     assert service.stats()["running"] == 0 and service.stats()["waiting"] == 0
+
+
+def test_a_dry_pool_preempts_the_latest_admitted_sequence_first():
+    model = tiny_decoder("llama")
+    requests = [(merged_prompt(model, seed=s, groups=6), GenerateConfig(max_new_tokens=24)) for s in range(3)]
+    reference = [generate(model, *request).tokens for request in requests]
+    # Room for all three prompts, not for all three answers: the decodes outgrow the pool.
+    engine = Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 60, 4), block_size=4, max_batch=3))
+    scheduler = engine.scheduler
+    admitted, preempted = [], []  # ids in the order they were (re)admitted; (victim, latest admitted running)
+    start, preempt = scheduler._start, scheduler.preempt
+
+    def record_preemption(request):
+        running = {r.id for r in scheduler.running}
+        latest = max(running, key=lambda i: len(admitted) - admitted[::-1].index(i))  # its last admission
+        preempted.append((request.id, latest))
+        preempt(request)
+
+    scheduler._start = lambda request: (admitted.append(request.id), start(request))
+    scheduler.preempt = record_preemption
+    ids = [engine.add_request(*request) for request in requests]
+    results = engine.run()
+    assert [results[i].tokens for i in ids] == reference
+    assert admitted[:3] == ids and preempted
+    assert preempted[0][0] == ids[-1]  # the last of the three admitted goes first, not the oldest
+    assert all(victim == latest for victim, latest in preempted)
+    assert ids[0] not in {victim for victim, _ in preempted}  # the oldest runs to its end undisturbed
