@@ -288,3 +288,50 @@ def test_a_dry_pool_preempts_the_latest_admitted_sequence_first():
     assert preempted[0][0] == ids[-1]  # the last of the three admitted goes first, not the oldest
     assert all(victim == latest for victim, latest in preempted)
     assert ids[0] not in {victim for victim, _ in preempted}  # the oldest runs to its end undisturbed
+
+
+class TextFirstFamily:
+    """A family whose chat prompt puts the question's words before the visual block (``prompt``), with the
+    prefix key built from ``prompt.before``; ``lays_out``: it builds its own sequence instead (the path the
+    Qwen-VL families take, where the key is built from the text rows inside the prefix)."""
+
+    def __init__(self, model, lays_out: bool) -> None:
+        self.model = model
+        if lays_out:
+            self.question_sequence = lambda tokens, question, kind: build_sequence(
+                model, [self.prompt(question, kind).before, tokens, self.prompt(question, kind).after])
+
+    def prompt(self, question: str, kind: str):
+        from dymu.families.base import Prompt
+
+        return Prompt(before=[1, 2] + [ord(c) % 256 for c in question], after=[3, 4, 5])
+
+
+@pytest.mark.parametrize("lays_out", [False, True], ids=["prompt-before", "own-layout"])
+def test_other_text_before_the_same_video_shares_no_prefix_entry(lays_out):
+    from dymu.answer import answer_request
+    from dymu.tokens import MergedTokens
+
+    model = tiny_decoder("qwen2", layers=2)
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.randn(6, 64, generator=generator) * model.get_input_embeddings().weight.std()
+    video = MergedTokens(embeds=embeds, sizes=torch.full((6,), 3), mapping=torch.arange(6).repeat_interleave(3),
+                         positions_per_frame=[9, 9], config_hash="same-video")
+    family = TextFirstFamily(model, lays_out)
+    questions = ["Is it red?", "Is it big?", "Is it red?"]  # the first two differ, at the same length
+    made = [answer_request(family, video, question, "video") for question in questions]
+    assert made[0][2] == made[1][2] == 2 + len(questions[0]) + 18  # same prefix length...
+    assert made[0][1] != made[1][1] and made[0][1] == made[2][1]  # ...but only the same words share a key
+
+    config = GenerateConfig(max_new_tokens=6)
+    engine = Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 200, 4), block_size=4,
+                                              prefix_cache_gb=budget_gb(model, 100, 4)))
+    results, hits = [], []
+    for sequence, key, prefix in made:  # one after the other: each finds the prefixes of those before it
+        request_id = engine.add_request(sequence, config, prefix_key=key, prefix_positions=prefix)
+        request = engine.requests[request_id]
+        results.append(engine.run()[request_id])
+        hits.append(request.prefix_hit)
+    assert hits == [False, False, True]
+    for (sequence, _, _), result in zip(made, results):
+        assert result.tokens == generate(model, sequence, config).tokens
