@@ -157,7 +157,7 @@ def test_a_pruning_sequence_never_changes_what_a_sharer_of_its_prefix_sees():
     assert results[pruner_id].kept_trace[-1][1] < 24
     assert results[reader_id].tokens == generate(model, video, plain).tokens
     assert results[pruner_id].tokens == generate(model, video, pruning).tokens
-    # Pruning copied its survivors out of the shared blocks, which still hold the prefix as it was.
+    # Pruning never wrote the shared blocks (survivors copied out, or listed where they are): the prefix is intact.
     cached = engine.prefix_cache.peek("v")
     fresh = Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 300, 4), block_size=4,
                                              prefix_cache_gb=budget_gb(model, 100, 4)))
@@ -335,3 +335,68 @@ def test_other_text_before_the_same_video_shares_no_prefix_entry(lays_out):
     assert hits == [False, False, True]
     for (sequence, _, _), result in zip(made, results):
         assert result.tokens == generate(model, sequence, config).tokens
+
+
+def test_pruning_a_shared_prefix_in_a_full_pool_keeps_a_list_inside_it_and_takes_no_block(monkeypatch):
+    """The survivors of a sequence that prunes a cached prefix do not fit in its own blocks: it keeps a list of
+    their slots inside the shared blocks (a copy would take blocks this step's appends were promised: with
+    the pool full, the engine failed with "the KV pool has 0 free blocks"). Its answer is the single loop's."""
+    from dymu.engine.sequence_kv import SequenceKV
+
+    model = tiny_decoder("llama", layers=3)
+    video = merged_prompt(model, seed=2, before=4, groups=12, group_size=2, after=3)
+    prefix = 4 + 24
+    plain = GenerateConfig(max_new_tokens=12)
+    pruning = GenerateConfig(max_new_tokens=12, prune=PRUNE, keep_logits=True)
+    keeps = []  # per pruned layer: (still inside shared blocks, pool's free blocks before, after)
+    keep = SequenceKV.keep
+
+    def spy(kv, layer, index):
+        free = kv.pool.num_free
+        keep(kv, layer, index)
+        keeps.append((any(kv.pool.refs(b) > 1 for b in kv.layers[layer].blocks), free, kv.pool.num_free))
+
+    monkeypatch.setattr(SequenceKV, "keep", spy)
+    # 48 blocks: the prefix cache and three sequences on the same prefix leave 15 free at the first pruning, none
+    # by the fourth. A copy out of the shared blocks took 7 a layer, promised to the step's appends.
+    engine = Engine(model, None, EngineConfig(kv_cache_gb=budget_gb(model, 48, 4), block_size=4,
+                                              prefix_cache_gb=budget_gb(model, 30, 4)))
+    first = engine.add_request(video, plain, prefix_key="v", prefix_positions=prefix)
+    engine.step()  # the prefix is cached: the next two adopt its blocks
+    pruner = engine.add_request(video, pruning, prefix_key="v", prefix_positions=prefix)
+    reader = engine.add_request(video, plain, prefix_key="v", prefix_positions=prefix)
+    results = engine.run()
+    assert engine.stats()["prefix_hits"] == 2 and not isinstance(results[pruner], str)
+    assert any(inside for inside, _, _ in keeps)  # a keep list inside the shared blocks
+    assert all(after >= before for _, before, after in keeps)  # pruning never takes a block
+    expected = generate(model, video, pruning)
+    got = results[pruner]
+    assert got.tokens == expected.tokens and got.kept_trace == expected.kept_trace
+    assert got.cache_entries == expected.cache_entries and got.kept_trace[-1][1] < 24
+    for ours, theirs in zip(got.logits, expected.logits):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert results[first].tokens == results[reader].tokens == generate(model, video, plain).tokens
+    assert engine.pool.num_free == engine.pool.num_blocks - engine.prefix_cache.num_blocks
+
+
+def test_pruning_leaves_room_for_the_steps_append_in_a_full_pool():
+    """Survivors that would exactly fill the sequence's own blocks stay a keep list: compacted there, they would
+    leave this step's append (promised the own tail's room) needing a block that a full pool does not have."""
+    from dymu.engine.sequence_kv import SequenceKV
+
+    pool = BlockManager(3, 2, 1, 2, "cpu", torch.float32)
+    shared = pool.allocate(1)  # a cached prefix of two visual entries, held by the cache and by the sequence
+    kv = SequenceKV(pool, 1)
+    kv.adopt(0, shared, pool.slots(shared, 2), torch.tensor([0, 1]), torch.tensor([True, True]))
+    text = kv.reserve(0, 3, torch.tensor([2, 3, 4]), False)  # its own words: two own blocks, one slot left
+    keys = torch.randn(5, 1, 2)
+    pool.write(torch.cat([pool.slots(shared, 2), text]), keys, keys + 1)
+    assert pool.num_free == 0 and kv.blocks_to_append(1) == 0
+    kv.keep(0, torch.tensor([1, 2, 3, 4]))  # one visual entry dropped: four survivors, two own blocks' worth
+    assert kv.positions(0).tolist() == [1, 2, 3, 4] and pool.num_free == 0
+    torch.testing.assert_close(pool.keys[kv.layers[0].slots], keys[1:])
+    torch.testing.assert_close(pool.values[kv.layers[0].slots], keys[1:] + 1)
+    kv.reserve_one(0, 5)  # the step's append still finds its room
+    assert kv.length(0) == 5 and pool.num_free == 0
+    kv.release()
+    assert pool.refs(shared[0]) == 1 and pool.num_free == 2
