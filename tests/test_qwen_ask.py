@@ -221,3 +221,20 @@ def test_a_preempted_qwen_answer_is_recomputed_at_its_own_mrope_positions(qa_mer
         # logits by only ~6e-5 (greedy tokens stay the same); batched and single agree to ~1e-7.
         for batched, single in zip(results[request_id].logits, alone.logits):
             torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_a_visual_prefix_key_changes_with_the_prefix_positions(qa_merged, media):
+    """The same merged rows and words at other M-RoPE positions (Qwen2.5-VL: another seconds per slot, as a
+    clip of the same frames over a longer time has) are other KV entries: another prefix key."""
+    import dataclasses
+
+    if qa_merged.family.name != "qwen2.5-vl":
+        pytest.skip("Qwen3-VL tells time in timestamp words before each slot: text the key holds already")
+    tokens = qa_merged.encode(qa_merged.read(media["static"]))
+    slower = dataclasses.replace(tokens, meta={**tokens.meta, "seconds_per_slot": 7.0})
+    (sequence, _, key, prefix), (other, _, other_key, other_prefix) = (
+        qa_merged.answer_request(t, QUESTION) for t in (tokens, slower))
+    assert prefix == other_prefix and torch.equal(sequence.rows, other.rows)
+    assert not torch.equal(sequence.positions[:, :prefix], other.positions[:, :prefix])
+    assert key != other_key
+    assert qa_merged.answer_request(dataclasses.replace(tokens), QUESTION)[2] == key
