@@ -46,13 +46,15 @@ def question_sequence(family: VLMFamily, tokens: MergedTokens, question: str, ki
     return build_sequence(family.model, [prompt.before, tokens, prompt.after])
 
 
-def visual_prefix_key(tokens: MergedTokens, before: list[int] | torch.Tensor) -> str:
+def visual_prefix_key(tokens: MergedTokens, before: list[int] | torch.Tensor,
+                      positions: torch.Tensor | None = None) -> str:
     """Names the KV of a prompt up to the end of its visual block: a digest of the merged tokens themselves
-    (rows, mapping and the settings hash that made them) and of the prompt's text before the block's end (its
-    ids, or the rows of its text positions)."""
+    (rows, mapping and the settings hash that made them), of the prompt's text before the block's end (its
+    ids, or the rows of its text positions) and of the prefix's M-RoPE positions when it has them (the same
+    rows over a longer time sit at other temporal positions: other keys)."""
     digest = hashlib.sha256(tokens.config_hash.encode())
     text = before if isinstance(before, torch.Tensor) else torch.tensor(before, dtype=torch.long)
-    for tensor in (tokens.embeds, tokens.mapping, text):
+    for tensor in (tokens.embeds, tokens.mapping, text) + (() if positions is None else (positions,)):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
@@ -64,11 +66,12 @@ def answer_request(family: VLMFamily, tokens: MergedTokens, question: str,
     """What the engine needs for one question: the sequence, its visual prefix's key and length."""
     if hasattr(family, "question_sequence"):
         # The family lays out its own prompt (Qwen-VL: timestamps between slots, M-RoPE): the prefix ends at the
-        # last visual position, and the text rows inside it are part of its name.
+        # last visual position, and the text rows inside it and its positions are part of its name.
         sequence = family.question_sequence(tokens, question, kind)
         end = int(sequence.visual.nonzero()[-1]) + 1
         text_rows = sequence.mapping[:end][~sequence.visual[:end]]
-        return sequence, visual_prefix_key(tokens, sequence.rows.index_select(0, text_rows)), end
+        positions = None if sequence.positions is None else sequence.positions[:, :end]
+        return sequence, visual_prefix_key(tokens, sequence.rows.index_select(0, text_rows), positions), end
     prompt = family.prompt(question, kind)
     sequence = build_sequence(family.model, [prompt.before, tokens, prompt.after])
     return sequence, visual_prefix_key(tokens, prompt.before), len(prompt.before) + tokens.num_positions

@@ -208,3 +208,62 @@ def test_the_engine_answers_qwen_as_the_single_loop_does(qa_merged, media):
         assert batched.kept_trace == alone.kept_trace
         for a, b in zip(batched.logits, alone.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_preempted_qwen_answer_is_recomputed_at_its_own_mrope_positions(qa_merged, media):
+    """A KV pool with room for both prompts but not both answers: the later one is preempted mid-answer and
+    recomputed (prompt + its answer so far), its answer's text at the positions after the prompt's largest
+    M-RoPE index; every answer and its logits equal the single loop's."""
+    import dataclasses
+
+    from dymu.engine import Engine, EngineConfig
+    from dymu.engine.block_manager import block_bytes
+    from dymu.llm import PruneConfig, generate
+    from dymu.llm.decoder import load_decoder
+
+    requests = []
+    for path in (media["static"], media["video"]):
+        sequence, config, _, _ = qa_merged.answer_request(qa_merged.encode(qa_merged.read(path)), QUESTION)
+        config = dataclasses.replace(config, max_new_tokens=10, keep_logits=True, prune=PruneConfig())
+        requests.append((sequence, config))
+    # Merged rows: the row count is not the next M-RoPE position, so a recompute that confused them would show.
+    assert all(sequence.num_rows != sequence.next_position for sequence, _ in requests)
+
+    decoder = load_decoder(qa_merged.family.model)
+    block_size = 4
+    admit = sum(decoder.num_layers * (-(-sequence.num_positions // block_size) + 1) for sequence, _ in requests)
+    blocks = admit + decoder.num_layers  # both prompts fit, then the decodes outgrow the pool
+    gb = blocks * block_bytes(block_size, decoder.num_kv_heads, decoder.head_dim, decoder.dtype) / 2**30
+    engine = Engine(decoder, qa_merged.family.tokenizer, EngineConfig(kv_cache_gb=gb, block_size=block_size,
+                                                                      max_batch=2))
+    recomputed = []  # answer tokens already there when a preempted request was admitted again
+    start = engine.scheduler._start
+    engine.scheduler._start = lambda request: (request.preemptions and recomputed.append(len(request.tokens)),
+                                               start(request))
+    ids = [engine.add_request(sequence, config) for sequence, config in requests]
+    results = engine.run()
+    assert engine.stats()["preemptions"] >= 1 and recomputed and min(recomputed) >= 2
+    for request_id, (sequence, config) in zip(ids, requests):
+        alone = generate(qa_merged.family.model, sequence, config, tokenizer=qa_merged.family.tokenizer)
+        assert results[request_id].tokens == alone.tokens
+        # Tight: the tiny Qwen2.5-VL's attention is nearly flat, so text rotated at wrong positions moves its
+        # logits by only ~6e-5 (greedy tokens stay the same); batched and single agree to ~1e-7.
+        for batched, single in zip(results[request_id].logits, alone.logits):
+            torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_a_visual_prefix_key_changes_with_the_prefix_positions(qa_merged, media):
+    """The same merged rows and words at other M-RoPE positions (Qwen2.5-VL: another seconds per slot, as a
+    clip of the same frames over a longer time has) are other KV entries: another prefix key."""
+    import dataclasses
+
+    if qa_merged.family.name != "qwen2.5-vl":
+        pytest.skip("Qwen3-VL tells time in timestamp words before each slot: text the key holds already")
+    tokens = qa_merged.encode(qa_merged.read(media["static"]))
+    slower = dataclasses.replace(tokens, meta={**tokens.meta, "seconds_per_slot": 7.0})
+    (sequence, _, key, prefix), (other, _, other_key, other_prefix) = (
+        qa_merged.answer_request(t, QUESTION) for t in (tokens, slower))
+    assert prefix == other_prefix and torch.equal(sequence.rows, other.rows)
+    assert not torch.equal(sequence.positions[:, :prefix], other.positions[:, :prefix])
+    assert key != other_key
+    assert qa_merged.answer_request(dataclasses.replace(tokens), QUESTION)[2] == key

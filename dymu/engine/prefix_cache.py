@@ -1,11 +1,11 @@
 """The visual-prefix cache: the KV entries of a prompt up to the end of its visual block, kept after the
 request that made them has left, so a later question about the same video prefills only its own words.
 
-The caller names a prefix with a key that must change with everything that changes those entries: the
-video's token-cache key (content hash + model + every setting that changes the tokens) and the prompt text
-before the visual block. Entries hold a reference on their blocks (read-only: whoever adopts them appends
-and prunes into blocks of its own) and are dropped least recently used first, when over ``budget_blocks``
-or when the pool needs the room.
+The caller names a prefix with a key that must change with everything that changes those entries: the video's
+token-cache key (content hash + model + every setting that changes the tokens), the prompt text before the
+visual block and, with M-RoPE, the prefix's positions. Entries hold a reference on their blocks (read-only:
+whoever adopts them appends and prunes into blocks of its own) and are dropped least recently used first, when
+over ``budget_blocks`` or when the pool needs the room.
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ under M-RoPE, which is all the pruner needs them for: K is stored already rotate
 
 Pruning (``keep``) compacts the survivors into as few blocks as they need and gives the rest back. Blocks
 shared with others (a cached visual prefix) are never written: the survivors are copied out first, into
-this sequence's own blocks; if the pool has no room for that copy, the sequence keeps a list of surviving
-slots inside the shared blocks instead (correct, but frees nothing).
+this sequence's own blocks. Pruning never takes a block from the pool: it runs inside a decode step, whose
+appends the scheduler has counted free blocks for, and a copy into fresh blocks would take those (with the
+pool full the next layer's append then found none). So when the survivors, with the step's new entry, do
+not fit in the blocks the layer owns, the sequence keeps a list of surviving slots where they are, inside
+the shared blocks (correct, frees nothing, takes nothing); a later pruning compacts them once they fit.
 """
 from __future__ import annotations
 
@@ -120,12 +123,12 @@ class SequenceKV:
         own = [b for b in kv.blocks if pool.refs(b) == 1]
         shared = [b for b in kv.blocks if pool.refs(b) > 1]
         needed = pool.blocks_for(int(index.shape[0]))
-        if needed > len(own) + pool.num_free:
-            kv.replace(slots, ordinals, visual)  # no room to copy out of the shared blocks: a keep list, nothing freed
+        if pool.blocks_for(int(index.shape[0]) + 1) > len(own):
+            # Only shared blocks can hold the survivors and this step's entry: a keep list, nothing freed or taken.
+            kv.replace(slots, ordinals, visual)
             return
         keys, values = pool.keys.index_select(0, slots), pool.values.index_select(0, slots)
-        extra = pool.allocate(max(needed - len(own), 0))
-        kv.blocks = (own + extra)[:needed]
+        kv.blocks = own[:needed]
         freed = pool.release(own[needed:]) + pool.release(shared)
         self.blocks_freed_by_pruning += freed
         kv.replace(pool.slots(kv.blocks, int(index.shape[0])), ordinals, visual)
