@@ -17,7 +17,7 @@ PARITY_TESTS := tests/test_qwen_ask.py tests/test_ask.py tests/test_mrope.py tes
 	tests/test_vtu.py tests/test_vision.py tests/test_qwen_vision.py tests/test_qwen_inputs.py \
 	tests/test_generate.py tests/test_layout.py tests/test_tiny.py
 # The oldest transformers the package's requirements admit (keep in step with pyproject.toml).
-OLDEST_TRANSFORMERS ?= 5.0.0
+OLDEST_TRANSFORMERS ?= 5.24.0
 
 .PHONY: setup demo test test-latest test-oldest lock bench clean
 
