@@ -11,6 +11,7 @@ import sys
 import threading
 
 from dymu.errors import DymuError
+from dymu.files import check_cache_dir
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def settings_from_args(args: argparse.Namespace):
 
     if not 0 < args.port < 65536:
         raise DymuError(f"--port {args.port}: not a port number")
+    check_cache_dir()  # jobs save the thresholds they calibrate there
     overrides = config_overrides(args)
     overrides.pop("max_frames")
     model = overrides.pop("model") or None
