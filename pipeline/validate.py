@@ -180,8 +180,9 @@ def check_model(model: str, revision: str | None = None, device: str | None = No
 
 
 def check_config(config: "VideoQAConfig", local: bool) -> Any:
-    """``check_model`` for a job's config, and the cache folder its thresholds may be saved in; the
-    checkpoint's config is returned."""
-    check_cache_dir()
+    """``check_model`` for a job's config and, for a run on this machine, the cache folder its thresholds may be
+    saved in; the checkpoint's config is returned."""
+    if local:
+        check_cache_dir()
     return check_model(config.model, config.revision, config.device if local else None,
                        config.thresholds if config.dtome else None, config.keep if config.dtome else None)

@@ -13,6 +13,7 @@ import threading
 from dymu.errors import DymuError
 from dymu.files import check_cache_dir
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
+from pipeline.validate import is_local_run
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def settings_from_args(args: argparse.Namespace):
 
     if not 0 < args.port < 65536:
         raise DymuError(f"--port {args.port}: not a port number")
-    check_cache_dir()  # jobs save the thresholds they calibrate there
+    if is_local_run(args.ray_address):
+        check_cache_dir()  # jobs save the thresholds they calibrate there
     overrides = config_overrides(args)
     overrides.pop("max_frames")
     model = overrides.pop("model") or None
