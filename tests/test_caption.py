@@ -112,6 +112,38 @@ def test_fifos_are_skipped_in_folders_and_globs_and_refused_when_named(tmp_path,
     assert files is None and "cannot read the list file: " in str(error) and "not a regular file" in str(error)
 
 
+def test_the_decoder_refuses_a_fifo_before_hashing_it(tiny_ov, tmp_path):
+    """A file that became a FIFO after the CLI's checks (or a job from the Python API) is a job's error, not a
+    worker blocked for ever on reading it for the cache key."""
+    import os
+    import threading
+
+    from dymu.config import VideoQAConfig
+    from dymu.frames import MediaNotFound
+    from workers.frame_decoder import FrameDecoder
+
+    os.mkfifo(tmp_path / "pipe.mp4")
+    decoder = FrameDecoder(VideoQAConfig(model=str(tiny_ov)))
+    outcome: list = []
+
+    def hash_it() -> None:
+        outcome.append(_raised(decoder.content_hash, str(tmp_path / "pipe.mp4")))
+
+    thread = threading.Thread(target=hash_it, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "content_hash opened the FIFO and blocked"
+    assert isinstance(outcome[0], MediaNotFound) and str(outcome[0]).endswith("pipe.mp4: not a regular file")
+
+
+def _raised(function, *args):
+    try:
+        function(*args)
+    except Exception as exc:  # noqa: BLE001 (the test looks at which)
+        return exc
+    return None
+
+
 def test_results_file_drops_a_partial_line_and_never_appends_by_accident(tmp_path):
     out = tmp_path / "out.jsonl"
     with JsonlFile.open(out, "new") as results:
