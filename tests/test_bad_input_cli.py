@@ -226,8 +226,8 @@ NEEDS_NO_TORCH = [
     "make-tiny-model-not-empty", "caption-fifo", "caption-fifo-in-list", "caption-fifo-as-list",
     "caption-folder-of-a-fifo", "tokens-fifo", "calibrate-data-fifo",
     "model-without-weights", "tokens-model-without-weights", "model-without-config", "dymu-cache-a-file",
-    "caption-dymu-cache-under-a-file", "thresholds-deeply-nested", "config-deeply-nested",
-    "model-config-deeply-nested",
+    "caption-dymu-cache-under-a-file", "serve-dymu-cache-a-file", "demo-dymu-cache-a-file",
+    "thresholds-deeply-nested", "config-deeply-nested", "model-config-deeply-nested",
 ]
 _MAIN_THEN_MODULES = (
     "import json, sys\n"

@@ -79,12 +79,12 @@ def is_loopback(host: str) -> bool:
 
 def settings_from_args(args: argparse.Namespace):
     """Every option checked, and the settings made, before Ray or Redis start."""
-    from pipeline.serve.app import settings_from_options
-
     if not 0 < args.port < 65536:
         raise DymuError(f"--port {args.port}: not a port number")
     if is_local_run(args.ray_address):
         check_cache_dir()  # jobs save the thresholds they calibrate there
+    from pipeline.serve.app import settings_from_options  # imports Ray Serve (seconds): after the quick checks
+
     overrides = config_overrides(args)
     overrides.pop("max_frames")
     model = overrides.pop("model") or None
