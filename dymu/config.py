@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from dymu.errors import DymuError
+from dymu.files import parse_yaml
 from dymu.llm.config import GenerateConfig, PruneConfig
 from dymu.presets import MERGE_ORDERS, preset_keep
 
@@ -249,7 +250,7 @@ def make_config(preset: str | None = None, config_file: str | Path | None = None
         if not path.is_file():
             raise DymuError(f"config file {path} does not exist")
         try:
-            file_values = yaml.safe_load(path.read_text()) or {}
+            file_values = parse_yaml(path.read_text(), f"config file {path}") or {}
         except yaml.YAMLError as exc:
             raise DymuError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(file_values, dict):

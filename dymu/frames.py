@@ -112,7 +112,11 @@ def is_url(text: str | Path) -> bool:
     return isinstance(text, str) and _URL.match(text) is not None
 
 
-def _existing_file(path: str | Path) -> Path:
+def regular_file(path: str | Path) -> Path:
+    """``path`` if it is a local regular file, else the ``MediaNotFound`` that says why not.
+
+    It only looks (stat), never opens: a FIFO would block the open until something writes to it, and a device
+    may never end. The CLI's checks of the inputs it is named call this (or ``existing_file``) first."""
     if is_url(path):
         raise MediaNotFound(f"{path}: a URL; this reads local files only, download it first")
     path = Path(path)
@@ -120,6 +124,12 @@ def _existing_file(path: str | Path) -> Path:
         raise MediaNotFound(f"{path}: no such file")
     if not path.is_file():
         raise MediaNotFound(f"{path}: not a regular file")
+    return path
+
+
+def existing_file(path: str | Path) -> Path:
+    """``regular_file``, and readable: what every reader of media here calls before it opens a file."""
+    path = regular_file(path)
     if not os.access(path, os.R_OK):
         raise MediaNotFound(f"{path}: not readable (permission denied)")
     return path
@@ -204,7 +214,7 @@ def media_kind(path: str | Path) -> Literal["image", "video"]:
 
     Raises the ``MediaError`` that explains why it is neither.
     """
-    path = _existing_file(path)
+    path = existing_file(path)
     if _is_still_image(path):
         return "image"
     with _open_container(path) as container:
@@ -228,7 +238,7 @@ def is_video_path(path: str | Path) -> bool:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open a still image as RGB, upright (EXIF orientation applied)."""
-    path = _existing_file(path)
+    path = existing_file(path)
     try:
         with _open_image(path) as image:
             image.load()
@@ -322,7 +332,7 @@ def _probe(path: Path) -> _StreamInfo:
 def probe_video(path: str | Path) -> tuple[int, float]:
     """(frame count, frames per second) of a video file, without decoding it (packets are counted when
     the container does not say how many frames it holds)."""
-    path = _existing_file(path)
+    path = existing_file(path)
     if _is_still_image(path):
         raise UnsupportedMedia(f"{path}: is an image, not a video")
     info = _probe(path)
@@ -343,7 +353,7 @@ def read_video_frames(
     """
     if backend not in ("auto", "av"):
         raise DymuError(f"backend must be 'auto' or 'av', got {backend!r}")
-    path = _existing_file(path)
+    path = existing_file(path)
     _check_sampling_args(num_frames, fps, max_frames)
     if _is_still_image(path):
         raise UnsupportedMedia(f"{path}: is an image, not a video")

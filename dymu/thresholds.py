@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dymu.checkpoint import TOWER_FAMILIES, layers_to_run
 from dymu.errors import DymuError
+from dymu.files import parse_json, write_text_atomic
 
 if TYPE_CHECKING:
     from dymu.vision.encoder import DToMeEncoder
@@ -36,6 +37,23 @@ def _is_real(value: Any) -> bool:
 
 class ThresholdsError(DymuError):
     """A thresholds file that cannot be read, or that was made for another encoder."""
+
+
+# Far above a real thresholds file (a few KB: one number per layer and a short record of the calibration).
+_MAX_THRESHOLDS_BYTES = 1 << 20
+
+
+def is_thresholds_file(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file holding a dymu thresholds file (any version, sound or not): the one
+    kind of file ``calibrate --out`` may replace. Nothing else is read past its size."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_THRESHOLDS_BYTES:
+            return False
+        data = parse_json(path.read_bytes(), str(path))
+    except (OSError, ValueError, DymuError):  # ValueError: json.JSONDecodeError and UnicodeDecodeError
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 @dataclass(frozen=True)
@@ -172,10 +190,8 @@ class Thresholds:
         return thresholds
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """Write the file whole (a temp file renamed over ``path``): never half a thresholds file."""
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(
@@ -186,7 +202,7 @@ class Thresholds:
         if not path.is_file():
             raise ThresholdsError(f"{path}: no such thresholds file")
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text(), f"{path}")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ThresholdsError(f"{path}: not a JSON thresholds file ({exc})") from exc
         try:

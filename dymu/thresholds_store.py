@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -19,16 +18,11 @@ from pathlib import Path
 import torch
 
 from dymu.calibrate import calibrate
+from dymu.files import cache_dir
 from dymu.thresholds import EncoderFingerprint, Thresholds
 from dymu.vision.encoder import DToMeEncoder
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """``$DYMU_CACHE`` or ``~/.cache/dymu-video``."""
-    root = os.environ.get("DYMU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dymu-video"
-    return Path(root)
 
 
 def _file_name(model_id: str, fingerprint: EncoderFingerprint, keep: int, merge_order: str = "positional") -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from dymu.errors import DymuError
+from dymu.frames import MediaNotFound, existing_file, regular_file
 from pipeline.validate import reject_url
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ def is_media_name(path: Path) -> bool:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Media files under ``folder``, recursively, by name (a damaged video is still listed, and reported)."""
+    """Media files under ``folder``, recursively, by name (a damaged video is still listed, and reported).
+    ``is_file`` is a stat: a FIFO or a device in the folder is skipped, never opened."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_media_name(p))
 
 
@@ -40,13 +42,19 @@ def _expand_one(item: str, base: Path) -> list[Path]:
         if not files:
             log.warning("%s matches no files", item)
         return files
+    if path.exists():
+        # Named, so it must be a regular file, as for `ask`: a FIFO or a device is refused now, unopened
+        # (opening a FIFO blocks until something writes to it).
+        regular_file(path)
     # A file, or a name that is not there: the job reports "no such file" and the batch goes on.
     return [path]
 
 
 def _list_file_entries(list_file: Path) -> Iterable[str]:
     try:
-        lines = list_file.read_text().splitlines()
+        lines = existing_file(list_file).read_text().splitlines()
+    except MediaNotFound as exc:  # not there, not a regular file (a FIFO would block the read), unreadable
+        raise DymuError(f"cannot read the list file: {exc}") from None
     except OSError as exc:
         raise DymuError(f"cannot read the list file {list_file}: {exc.strerror or exc}") from exc
     return (line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))

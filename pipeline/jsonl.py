@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dymu.errors import DymuError
+from dymu.files import TooDeeplyNested, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ def _parse_records(data: bytes, path: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(data[:end].splitlines(), 1):
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line, f"line {number}")
+        except (ValueError, TooDeeplyNested):
             record = None
         if not isinstance(record, dict) or "path" not in record:
             raise DymuError(f"{path} is not a dymu-video results file (line {number} is not one of its JSON "

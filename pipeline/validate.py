@@ -12,9 +12,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dymu.errors import DymuError
+from dymu.files import check_cache_dir
 
 if TYPE_CHECKING:
     from dymu.config import VideoQAConfig
@@ -89,6 +90,32 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def check_thresholds_out(path: str | Path, overwrite: bool) -> Path:
+    """``calibrate --out``: a new file, or an earlier thresholds file when ``overwrite``. Any other file there
+    (a video named by mistake, a FIFO) is refused and left as it is, --overwrite or not."""
+    from dymu.thresholds import is_thresholds_file
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        if not is_thresholds_file(path):
+            raise DymuError(f"--out {path} exists and is not a thresholds file; refusing to replace it "
+                            f"(name a new file)")
+        if not overwrite:
+            raise DymuError(f"--out {path} already holds thresholds; pass --overwrite to replace them")
+    return check_writable(path)
+
+
+def check_media_paths(paths: Iterable[str]) -> None:
+    """Each path a folder, or a file that reading media accepts (``dymu.frames.existing_file``: there, a regular
+    file, readable), found before a model loads. A FIFO or a device is refused without being opened: opening
+    one blocks until a writer comes, or reads forever."""
+    from dymu.frames import existing_file
+
+    for name in paths:
+        if not Path(name).expanduser().is_dir():
+            existing_file(Path(name).expanduser())
+
+
 def is_local_run(ray_address: str | None) -> bool:
     """Whether the model runs on this machine (no Ray cluster named, or a Ray started here: ``local``), so that
     its device can be checked here."""
@@ -153,6 +180,9 @@ def check_model(model: str, revision: str | None = None, device: str | None = No
 
 
 def check_config(config: "VideoQAConfig", local: bool) -> Any:
-    """``check_model`` for a job's config; the checkpoint's config is returned."""
+    """``check_model`` for a job's config and, for a run on this machine, the cache folder its thresholds may be
+    saved in; the checkpoint's config is returned."""
+    if local:
+        check_cache_dir()
     return check_model(config.model, config.revision, config.device if local else None,
                        config.thresholds if config.dtome else None, config.keep if config.dtome else None)

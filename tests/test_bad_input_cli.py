@@ -32,10 +32,11 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    done = subprocess.run([CLI, *argv], cwd=cwd, env=_env(cwd / "cache"), capture_output=True, text=True,
-                          timeout=120)
+    # The timeout also ends a run that blocks on a FIFO it should have refused, so no test can hang.
+    done = subprocess.run([CLI, *argv], cwd=cwd, env={**_env(cwd / "cache"), **(env or {})}, capture_output=True,
+                          text=True, timeout=120)
     return done, time.perf_counter() - started
 
 
@@ -69,6 +70,22 @@ def files(tiny_ov, tmp_path_factory) -> Path:
         change(data)
         (root / name).write_text(json.dumps(data))  # json.dumps writes float("nan") as NaN, as Python reads it
 
+    os.mkfifo(root / "fifo.mp4")  # opening it blocks until a writer comes: it must be refused unopened
+    (root / "with-fifo").mkdir()
+    os.mkfifo(root / "with-fifo" / "only.mp4")
+    (root / "fifo-list.txt").write_text("fifo.mp4\n")
+    (root / "no-config").mkdir()
+    (root / "no-weights").mkdir()
+    (root / "no-weights" / "config.json").write_text((tiny_ov / "config.json").read_text())
+    (root / "not-empty").mkdir()
+    (root / "not-empty" / "config.json").write_text('{"a real checkpoint": "given by mistake"}\n')
+    deep = "[" * 100_000 + "]" * 100_000
+    (root / "deep.json").write_text(deep)
+    (root / "deep.yaml").write_text(f"prune: {deep}\n")
+    (root / "deep-model").mkdir()
+    (root / "deep-model" / "config.json").write_text(json.dumps(config)[:-1] + f', "extra": {deep}}}')
+    (root / "deep-model" / "model.safetensors").symlink_to(tiny_ov / "model.safetensors")
+    (root / "good.json").write_text(json.dumps(good))
     thresholds("achieved-null.json", lambda d: d.update(achieved=None))
     thresholds("nan-tau.json", lambda d: d["taus"].__setitem__(1, float("nan")))
     thresholds("tau-5.json", lambda d: d["taus"].__setitem__(0, 5.0))
@@ -112,11 +129,54 @@ CASES = {
     "max-new-tokens-0": (ASK + ["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     "top-p-2": (ASK + ["--top-p", "2"], "top_p must be a number in (0, 1]"),
     "keep-100000": (ASK + ["--keep", "100000"], "--keep 100000: a frame of tiny has 729 visual tokens"),
+    "calibrate-out-a-video": (["calibrate", "--model", "tiny", "--data", "clip.mp4", "--preset", "mid",
+                               "--out", "clip.mp4"], "--out clip.mp4 exists and is not a thresholds file"),
+    "calibrate-out-a-video-overwrite": (["calibrate", "--model", "tiny", "--data", "clip.mp4", "--preset", "mid",
+                                         "--out", "clip.mp4", "--overwrite"], "is not a thresholds file"),
+    "calibrate-out-thresholds": (["calibrate", "--model", "tiny", "--data", "clip.mp4", "--preset", "mid",
+                                  "--out", "good.json"], "--out good.json already holds thresholds; pass --overwrite"),
+    "calibrate-out-fifo": (["calibrate", "--model", "tiny", "--data", "clip.mp4", "--preset", "mid",
+                            "--out", "fifo.mp4", "--overwrite"], "--out fifo.mp4 exists and is not a thresholds"),
+    "make-tiny-model-into-a-file": (["make-tiny-model", "a-file"], "a-file is a file, not a folder"),
+    "make-tiny-model-under-a-file": (["make-tiny-model", "a-file/m"], "a-file is a file, not a folder"),
+    "make-tiny-model-not-empty": (["make-tiny-model", "not-empty"], "not-empty is not empty; pass --overwrite"),
+    "caption-fifo": (["caption", "fifo.mp4", "--out", "c.jsonl", "--model", "tiny"], "fifo.mp4: not a regular file"),
+    "caption-fifo-in-list": (["caption", "@fifo-list.txt", "--out", "c.jsonl", "--model", "tiny"],
+                             "fifo.mp4: not a regular file"),
+    "caption-fifo-as-list": (["caption", "@fifo.mp4", "--out", "c.jsonl", "--model", "tiny"],
+                             "cannot read the list file: "),
+    "caption-folder-of-a-fifo": (["caption", "with-fifo", "--out", "c.jsonl", "--model", "tiny"],
+                                 "no video or image files found"),
+    "tokens-fifo": (["tokens", "--model", "tiny", "--thresholds", "good.json", "fifo.mp4"],
+                    "fifo.mp4: not a regular file"),
+    "calibrate-data-fifo": (["calibrate", "--model", "tiny", "--data", "fifo.mp4", "--preset", "mid",
+                             "--out", "new.json"], "fifo.mp4: not a regular file"),
+    "model-without-weights": (["ask", "clip.mp4", "q", "--model", "no-weights"],
+                              "no-weights: the folder has a config.json but no weights"),
+    "tokens-model-without-weights": (["tokens", "--model", "no-weights", "--thresholds", "good.json", "clip.mp4"],
+                                     "no-weights: the folder has a config.json but no weights"),
+    "model-without-config": (["ask", "clip.mp4", "q", "--model", "no-config"],
+                             "no-config: the folder has no config.json"),
+    "dymu-cache-a-file": (ASK, "DYMU_CACHE a-file is a file, not a folder"),
+    "caption-dymu-cache-under-a-file": (["caption", "clip.mp4", "--out", "c.jsonl", "--model", "tiny"],
+                                        "DYMU_CACHE a-file/cache cannot be made: "),
+    "serve-dymu-cache-a-file": (["serve", "--model", "tiny"], "DYMU_CACHE a-file is a file, not a folder"),
+    "demo-dymu-cache-a-file": (["demo"], "DYMU_CACHE a-file is a file, not a folder"),
+    "thresholds-deeply-nested": (ASK + ["--thresholds", "deep.json"], "deep.json nests lists or mappings more than"),
+    "config-deeply-nested": (ASK + ["--config", "deep.yaml"], "config file deep.yaml nests lists or mappings"),
+    "model-config-deeply-nested": (["ask", "clip.mp4", "q", "--model", "deep-model"],
+                                   "deep-model: config.json nests lists or mappings more than"),
     "ask-url": (["ask", "http://127.0.0.1:8000/clip.mp4", "q", "--model", "tiny"],
                 "http://127.0.0.1:8000/clip.mp4: URLs are not accepted by `dymu-video ask`"),
     "caption-url": (["caption", "https://example.com/a.mp4", "--out", "c.jsonl", "--model", "tiny"],
                     "https://example.com/a.mp4: URLs are not accepted by `dymu-video caption`"),
 }
+# Environment variables a case sets, over _env's.
+CASE_ENV = {"dymu-cache-a-file": {"DYMU_CACHE": "a-file"}, "serve-dymu-cache-a-file": {"DYMU_CACHE": "a-file"},
+            "demo-dymu-cache-a-file": {"DYMU_CACHE": "a-file"},
+            "caption-dymu-cache-under-a-file": {"DYMU_CACHE": "a-file/cache"}}
+# Files of the user's that cases name, which must be left byte for byte (and unwritten: same mtime).
+UNTOUCHED = ["clip.mp4", "good.json", "a-file", "not-empty/config.json"]
 
 
 
@@ -135,7 +195,8 @@ def test_bad_input_is_one_line_exit_2_before_start_up(case, files, time_limit):
     if case == "device-cuda-without-gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     argv, message = CASES[case]
-    done, seconds = _run(argv, files)
+    before = {name: ((files / name).read_bytes(), (files / name).stat().st_mtime_ns) for name in UNTOUCHED}
+    done, seconds = _run(argv, files, CASE_ENV.get(case))
     lines = done.stderr.strip().splitlines()
     print(f"{case}: {seconds:.1f}s (limit {time_limit:.1f}s): {done.stderr.strip()}")
     assert done.returncode == 2, done.stderr
@@ -144,6 +205,10 @@ def test_bad_input_is_one_line_exit_2_before_start_up(case, files, time_limit):
     assert lines[0].startswith(f"dymu-video {argv[0]}: error: ") and message in lines[0]
     assert seconds < time_limit
     assert not (files / "c.jsonl").exists()  # caption refused before it opened --out
+    assert not (files / "new.json").exists()
+    for name, (data, mtime) in before.items():
+        assert (files / name).read_bytes() == data and (files / name).stat().st_mtime_ns == mtime, name
+    assert sorted(p.name for p in (files / "not-empty").iterdir()) == ["config.json"]
 
 
 # Every case but the CUDA ones is found from the command line, the config, the files named and a local
@@ -156,7 +221,13 @@ NEEDS_NO_TORCH = [
     "thresholds-nan-tau", "thresholds-tau-5", "thresholds-missing", "thresholds-corrupt", "config-prune-5",
     "config-max-new-tokens-lots", "huge-png", "calibrate-out-unwritable", "stream-out-unwritable",
     "temporal-threshold-minus-5", "empty-question", "caption-empty-prompt", "max-frames-0", "max-new-tokens-0",
-    "top-p-2", "ask-url", "caption-url",
+    "top-p-2", "ask-url", "caption-url", "calibrate-out-a-video", "calibrate-out-a-video-overwrite",
+    "calibrate-out-thresholds", "calibrate-out-fifo", "make-tiny-model-into-a-file", "make-tiny-model-under-a-file",
+    "make-tiny-model-not-empty", "caption-fifo", "caption-fifo-in-list", "caption-fifo-as-list",
+    "caption-folder-of-a-fifo", "tokens-fifo", "calibrate-data-fifo",
+    "model-without-weights", "tokens-model-without-weights", "model-without-config", "dymu-cache-a-file",
+    "caption-dymu-cache-under-a-file", "serve-dymu-cache-a-file", "demo-dymu-cache-a-file",
+    "thresholds-deeply-nested", "config-deeply-nested", "model-config-deeply-nested",
 ]
 _MAIN_THEN_MODULES = (
     "import json, sys\n"
@@ -170,7 +241,8 @@ _MAIN_THEN_MODULES = (
 def test_bad_input_fails_before_torch_or_transformers_is_imported(case, files):
     argv, message = CASES[case]
     done = subprocess.run([sys.executable, "-c", _MAIN_THEN_MODULES, *argv], cwd=files,
-                          env=_env(files / "cache"), capture_output=True, text=True, timeout=120)
+                          env={**_env(files / "cache"), **CASE_ENV.get(case, {})}, capture_output=True, text=True,
+                          timeout=120)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] == 2 and message in done.stderr, done.stderr
     assert result["imported"] == [], f"{case} imported {result['imported']} before its error: {done.stderr}"

@@ -155,3 +155,23 @@ def test_unreadable_thresholds_files_are_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ThresholdsError, match="not a JSON"):
         Thresholds.load(tmp_path / "bad.json")
+
+
+def test_the_cli_replaces_a_thresholds_file_only_with_overwrite(tiny_ov, tmp_path, capsys):
+    """`calibrate --out` over an earlier thresholds file: refused (left as it is) without --overwrite, replaced
+    whole with it; no temp file is left beside it."""
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    Image.fromarray(natural_images(1)[0]).save(tmp_path / "a.png")
+    out = tmp_path / "t.json"
+    old = json.dumps(_thresholds(load_vision_model(str(tiny_ov), device="cpu", dtype="float32")).to_json())
+    out.write_text(old)
+    argv = ["calibrate", "--model", str(tiny_ov), "--data", str(tmp_path / "a.png"), "--keep", "300",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 2
+    assert "already holds thresholds; pass --overwrite" in capsys.readouterr().err and out.read_text() == old
+    assert main([*argv, "--overwrite"]) == 0
+    assert Thresholds.load(out).target_keep == 300.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "t.json"]

@@ -74,6 +74,76 @@ def test_inputs_folders_globs_and_list_files(archive, tmp_path, monkeypatch):
         expand_inputs([str(tmp_path)])
 
 
+def _expand_within(inputs: list[str], seconds: float = 30):
+    """expand_inputs in a thread, so that one that opens a FIFO (and blocks) fails the test instead of hanging
+    it: (files, None) or (None, the error)."""
+    import threading
+
+    outcome: dict = {}
+
+    def expand() -> None:
+        try:
+            outcome["files"] = expand_inputs(inputs)
+        except DymuError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=expand, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"expand_inputs({inputs}) blocked: it opened a FIFO"
+    return outcome.get("files"), outcome.get("error")
+
+
+def test_fifos_are_skipped_in_folders_and_globs_and_refused_when_named(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "clips").mkdir()
+    video = static_video(tmp_path / "clips" / "a.mp4", num_frames=2, size=32).resolve()
+    os.mkfifo(tmp_path / "clips" / "pipe.mp4")
+    (tmp_path / "named.txt").write_text("clips/pipe.mp4\n")
+    os.mkfifo(tmp_path / "pipe-list.txt")
+    monkeypatch.chdir(tmp_path)
+    assert _expand_within(["clips"]) == ([video], None)
+    assert _expand_within(["clips/*.mp4"]) == ([video], None)
+    for named in (["clips/pipe.mp4"], ["clips", "@named.txt"]):
+        files, error = _expand_within(named)
+        assert files is None and str(error) == f"{tmp_path}/clips/pipe.mp4: not a regular file"
+    files, error = _expand_within(["@pipe-list.txt"])
+    assert files is None and "cannot read the list file: " in str(error) and "not a regular file" in str(error)
+
+
+def test_the_decoder_refuses_a_fifo_before_hashing_it(tiny_ov, tmp_path):
+    """A file that became a FIFO after the CLI's checks (or a job from the Python API) is a job's error, not a
+    worker blocked for ever on reading it for the cache key."""
+    import os
+    import threading
+
+    from dymu.config import VideoQAConfig
+    from dymu.frames import MediaNotFound
+    from workers.frame_decoder import FrameDecoder
+
+    os.mkfifo(tmp_path / "pipe.mp4")
+    decoder = FrameDecoder(VideoQAConfig(model=str(tiny_ov)))
+    outcome: list = []
+
+    def hash_it() -> None:
+        outcome.append(_raised(decoder.content_hash, str(tmp_path / "pipe.mp4")))
+
+    thread = threading.Thread(target=hash_it, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "content_hash opened the FIFO and blocked"
+    assert isinstance(outcome[0], MediaNotFound) and str(outcome[0]).endswith("pipe.mp4: not a regular file")
+
+
+def _raised(function, *args):
+    try:
+        function(*args)
+    except Exception as exc:  # noqa: BLE001 (the test looks at which)
+        return exc
+    return None
+
+
 def test_results_file_drops_a_partial_line_and_never_appends_by_accident(tmp_path):
     out = tmp_path / "out.jsonl"
     with JsonlFile.open(out, "new") as results:
@@ -97,7 +167,8 @@ def test_results_file_drops_a_partial_line_and_never_appends_by_accident(tmp_pat
 
 @pytest.mark.parametrize("content", [b"\x00\x00\x00\x18ftypmp42 not our jsonl\nmore bytes without a newline",
                                      b"a text file\nits last line\n", b"a text file\nits last line",
-                                     b'{"path": "/a"}\n[1, 2]\n', b'{"path": "/a"}\n{"no": "path"}\n'])
+                                     b'{"path": "/a"}\n[1, 2]\n', b'{"path": "/a"}\n{"no": "path"}\n',
+                                     b'{"path": "/a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n"])
 @pytest.mark.parametrize("mode", ["new", "resume", "overwrite"])
 def test_results_file_that_is_not_ours_is_left_byte_for_byte(tmp_path, content, mode):
     out = tmp_path / "out.mp4"

@@ -74,6 +74,25 @@ def test_cli_writes_a_checkpoint(tmp_path, capsys):
     assert "wrote a tiny llava checkpoint" in capsys.readouterr().out
 
 
+def test_cli_refuses_a_file_or_a_folder_with_something_in_it_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "a-file").write_bytes(b"a file")
+    assert main(["make-tiny-model", str(tmp_path / "a-file")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dymu-video make-tiny-model: error: {tmp_path}/a-file is a file, not a folder"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_bytes(b'{"model_type": "a real one"}')  # a real checkpoint named by mistake
+    assert main(["make-tiny-model", str(checkpoint), "--family", "llava"]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in checkpoint.iterdir()] == ["config.json"]
+    assert (checkpoint / "config.json").read_bytes() == b'{"model_type": "a real one"}'
+    assert (tmp_path / "a-file").read_bytes() == b"a file"
+    assert main(["make-tiny-model", str(checkpoint), "--family", "llava", "--overwrite"]) == 0
+    assert (checkpoint / "model.safetensors").exists() and b'"llava"' in (checkpoint / "config.json").read_bytes()
+    (tmp_path / "empty").mkdir()
+    assert main(["make-tiny-model", str(tmp_path / "empty"), "--family", "llava"]) == 0  # empty: nothing to lose
+
+
 def test_cli_rejects_unknown_family(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["make-tiny-model", str(tmp_path / "m"), "--family", "gpt2"])

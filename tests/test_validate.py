@@ -14,7 +14,9 @@ from dymu.config import VideoQAConfig, make_config
 from dymu.errors import DymuError
 from dymu.frames import MAX_PIXELS_ENV, MediaNotFound, UnsupportedMedia, load_image, media_kind
 from dymu.thresholds import EncoderFingerprint, Thresholds, ThresholdsError
-from pipeline.validate import check_model, check_writable, reject_url
+from dymu.files import MAX_NESTING, TooDeeplyNested, check_cache_dir, check_nesting, parse_json, parse_yaml
+from dymu.files import write_text_atomic
+from pipeline.validate import check_model, check_thresholds_out, check_writable, reject_url
 
 
 @pytest.mark.parametrize(
@@ -169,6 +171,7 @@ def test_a_config_field_left_to_its_default_is_read_through_transformers(tiny_ov
     assert config.pop("vision_feature_layer") == -1  # LLaVA-OneVision's default
     (tmp_path / "defaults").mkdir()
     (tmp_path / "defaults" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "defaults" / "model.safetensors").symlink_to(tiny_ov / "model.safetensors")
     with pytest.raises(DymuError, match="between 1 and 728"):
         check_model(str(tmp_path / "defaults"), keep=729)
 
@@ -242,3 +245,106 @@ def test_images_over_pillows_own_limit_are_read_when_the_limit_is_raised(tmp_pat
     monkeypatch.setenv(MAX_PIXELS_ENV, "192000000")
     assert media_kind(tmp_path / "huge.png") == "image"  # the header only: nothing is decoded
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
+
+
+def test_a_checkpoint_folder_without_config_or_weights_says_which(tiny_ov, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DymuError, match=r"empty: the folder has no config.json, so it is not a checkpoint$"):
+        check_model(str(tmp_path / "empty"))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((tiny_ov / "config.json").read_text())
+    with pytest.raises(DymuError, match="bare: the folder has a config.json but no weights"):
+        check_model(str(tmp_path / "bare"))
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "bare" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "bare" / "model-00001-of-00002.safetensors").symlink_to(tiny_ov / "model.safetensors")
+    with pytest.raises(DymuError, match=r"names 1 weight file\(s\) the folder does not have \(model-00002-of-00002"):
+        check_model(str(tmp_path / "bare"))
+    (tmp_path / "bare" / "model-00002-of-00002.safetensors").symlink_to(tiny_ov / "model.safetensors")
+    assert check_model(str(tmp_path / "bare")).model_type == "llava_onevision"  # shards all there: sound
+
+
+def test_nesting_is_limited_in_json_and_yaml_without_recursion():
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads and yaml.safe_load raise RecursionError on this
+    with pytest.raises(TooDeeplyNested, match="^x.json nests lists or mappings more than 64 levels deep$"):
+        parse_json(deep, "x.json")
+    with pytest.raises(TooDeeplyNested, match="^x.yaml nests"):
+        parse_yaml(f"a: {deep}", "x.yaml")
+    at_limit = "[" * MAX_NESTING + "]" * MAX_NESTING
+    assert parse_json(at_limit, "x") == json.loads(at_limit)
+    with pytest.raises(TooDeeplyNested):  # under Python's recursion limit, but over ours
+        parse_json("[" + at_limit + "]", "x")
+    with pytest.raises(TooDeeplyNested):
+        parse_yaml("\n".join(" " * i + "a:" for i in range(MAX_NESTING + 1)) + " 1", "x")  # block style
+    with pytest.raises(TooDeeplyNested):
+        parse_yaml("a: &a [*a]", "x")  # a list that holds itself
+    # An alias bomb: 2**40 paths through 40 shared lists, each walked once.
+    bomb = "l0: &l0 [1]\n" + "".join(f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]\n" for i in range(1, 41))
+    assert len(parse_yaml(bomb, "x")) == 41
+    assert check_nesting({"a": [{"b": 1}]}, "x") == {"a": [{"b": 1}]}
+
+
+def test_a_config_file_too_deeply_nested_is_one_error(tmp_path):
+    (tmp_path / "deep.yaml").write_text("prune: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(TooDeeplyNested, match="deep.yaml nests"):
+        make_config("mid", tmp_path / "deep.yaml")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(TooDeeplyNested, match="deep.json nests"):
+        Thresholds.load(tmp_path / "deep.json")
+
+
+def test_a_file_written_atomically_is_whole_or_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    path.write_text("old\n")
+    assert write_text_atomic(path, "new\n") == path and path.read_text() == "new\n"
+    assert os.listdir(tmp_path) == ["t.json"]  # no temp file left
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # a plain new file's mode, not mkstemp's 0600
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        write_text_atomic(path, "half")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["t.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_calibrate_out_replaces_only_thresholds_and_only_with_overwrite(tmp_path):
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 a video")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "dymu-thresholds", "version": 0}))  # an old version is still ours
+    for overwrite in (False, True):
+        with pytest.raises(DymuError, match="exists and is not a thresholds file; refusing to replace it"):
+            check_thresholds_out(video, overwrite)
+    with pytest.raises(DymuError, match="already holds thresholds; pass --overwrite"):
+        check_thresholds_out(old, False)
+    assert check_thresholds_out(old, True) == old
+    assert check_thresholds_out(tmp_path / "new" / "t.json", False) == tmp_path / "new" / "t.json"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DymuError, match="not a thresholds file"):  # refused unopened: opening would block
+        check_thresholds_out(tmp_path / "fifo", True)
+    (tmp_path / "big.json").write_text(json.dumps({"format": "dymu-thresholds", "pad": "x" * (2 << 20)}))
+    with pytest.raises(DymuError, match="not a thresholds file"):  # read no further than a thresholds file's size
+        check_thresholds_out(tmp_path / "big.json", True)
+    assert video.read_bytes() == b"\x00\x00\x00\x18ftypmp42 a video"
+    assert sorted(os.listdir(tmp_path)) == ["big.json", "fifo", "old.json", "video.mp4"]
+
+
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(DymuError, match=f"^DYMU_CACHE {tmp_path}/a-file is a file, not a folder$"):
+        check_cache_dir()
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path / "a-file" / "deeper"))
+    with pytest.raises(DymuError, match=f"cannot be made: {tmp_path}/a-file is a file, not a folder$"):
+        check_cache_dir()
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path / "new" / "cache"))
+    assert check_cache_dir() == tmp_path / "new" / "cache" and not (tmp_path / "new").exists()

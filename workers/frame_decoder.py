@@ -12,6 +12,7 @@ from typing import Any
 import ray
 
 from dymu.config import VideoQAConfig
+from dymu.frames import existing_file
 from dymu.videoqa import Media, read_media
 from workers.metrics import pipeline_metrics
 from workers.token_cache import content_hash
@@ -34,7 +35,7 @@ class FrameDecoder:
     def content_hash(self, path: str) -> str:
         """sha256 of the file's bytes: the token cache's key for this video."""
         started = time.perf_counter()
-        digest = content_hash(path)
+        digest = content_hash(existing_file(path))  # a FIFO would block the read: refused unopened
         pipeline_metrics().stage(self.config.model, "hash", time.perf_counter() - started)
         return digest
 

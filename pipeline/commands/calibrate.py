@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["low", "mid", "high"],
         help="DyMU's presets: keep ~89/195/394 of 576 tokens (the same shares of other grids, e.g. 113/247/499 of 729)",
     )
-    p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    p.add_argument("--out", required=True, help="thresholds file to write (JSON); an existing file is replaced "
+                                                "only if it is a thresholds file and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier thresholds file at --out")
     p.add_argument("--merge-order", choices=["positional", "authors"], default="positional",
                    help="DToMe's token order after each merge: positional (default) or authors (DyMU's own "
                         "code); thresholds are calibrated for one order and recorded with it")
@@ -38,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dymu.config import check_option
     from dymu.errors import DymuError
-    from pipeline.validate import check_args, check_model, check_writable
+    from pipeline.validate import check_args, check_media_paths, check_model, check_thresholds_out
 
     # Everything that can be wrong is found before the model loads and the calibration runs; what the options
     # alone tell, before torch is imported.
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         check_option(name, getattr(args, name), flag=f"--{name}")
     if args.keep is not None and not args.keep > 0:
         raise DymuError(f"--keep must be > 0, got {args.keep:g}")
-    check_writable(args.out)
+    check_thresholds_out(args.out, args.overwrite)
+    check_media_paths(args.data)
     check_model(args.model, device=args.device, keep=args.keep)
 
     import logging

@@ -30,9 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dymu.files import cache_dir, check_cache_dir
+
+    if not args.workdir:
+        check_cache_dir()
     from dymu.tiny import make_tiny_checkpoint
     from pipeline.sample_media import write_scene_video
-    from dymu.thresholds_store import cache_dir
     from dymu.videoqa import VideoQA, format_report
 
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "demo"

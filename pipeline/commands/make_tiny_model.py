@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "processors' pixel budgets. Its answers are random text."
         ),
     )
-    p.add_argument("dir", help="folder to write (created if missing)")
+    p.add_argument("dir", help="folder to write (created if missing; an existing one must be empty, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that is not empty (its files of the same names are replaced)")
     p.add_argument(
         "--family",
         choices=["llava-onevision", "llava", "qwen2.5-vl", "qwen3-vl"],
@@ -32,7 +35,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_out_dir(path: str, overwrite: bool) -> None:
+    """Refuse, before anything is written, a DIR that is a file, or a folder with something in it (a real
+    checkpoint given by mistake would get random weights) unless ``overwrite``."""
+    from dymu.errors import DymuError
+
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DymuError(f"{path} is a file, not a folder")
+    existing = folder.absolute()
+    while not existing.exists():  # the nearest part of the path that exists must be a folder to create the rest in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DymuError(f"{path} cannot be made: {existing} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise DymuError(f"{path} is not empty; pass --overwrite to write the tiny checkpoint into it anyway")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.dir, args.overwrite)
     from dymu.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed)

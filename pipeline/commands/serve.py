@@ -11,7 +11,9 @@ import sys
 import threading
 
 from dymu.errors import DymuError
+from dymu.files import check_cache_dir
 from pipeline.commands.ask import add_answer_options, add_model_options, config_overrides
+from pipeline.validate import is_local_run
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,12 @@ def is_loopback(host: str) -> bool:
 
 def settings_from_args(args: argparse.Namespace):
     """Every option checked, and the settings made, before Ray or Redis start."""
-    from pipeline.serve.app import settings_from_options
-
     if not 0 < args.port < 65536:
         raise DymuError(f"--port {args.port}: not a port number")
+    if is_local_run(args.ray_address):
+        check_cache_dir()  # jobs save the thresholds they calibrate there
+    from pipeline.serve.app import settings_from_options  # imports Ray Serve (seconds): after the quick checks
+
     overrides = config_overrides(args)
     overrides.pop("max_frames")
     model = overrides.pop("model") or None

@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     from dymu.config import check_option
     from dymu.errors import DymuError
-    from pipeline.validate import check_args, check_model
+    from pipeline.validate import check_args, check_media_paths, check_model
 
     check_args(args)
+    check_media_paths(args.paths)
     for name in ("device", "dtype"):
         check_option(name, getattr(args, name), flag=f"--{name}")
     # A broken checkpoint or thresholds file, or one made for another encoder, fails before the model loads.
