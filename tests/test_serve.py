@@ -62,7 +62,13 @@ def serve_redis():
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, serve_redis, tiny_ov, media):
+def media_dir(tmp_path_factory):
+    """Where the ingress keeps its media folder (as `dymu-video serve` sets it)."""
+    return tmp_path_factory.mktemp("serve-spool")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, serve_redis, tiny_ov, media, media_dir):
     from ray import serve
 
     from pipeline.serve.app import build_app, settings_from_options
@@ -71,6 +77,7 @@ def server(ray_local, serve_redis, tiny_ov, media):
     settings = settings_from_options(
         str(tiny_ov), preset="mid", api_key=KEY, allow_private_urls=True, allowed_media_dir=str(root),
         max_media_mb=0.25, max_frames=8, redis_url=serve_redis.url, num_frames=FRAMES, max_new_tokens=MAX_TOKENS,
+        max_request_mb=1, media_cache_mb=1, media_dir=str(media_dir),
         model_worker_cpus=0.5)  # half the session's 2 CPUs: `ask` starts its own actors beside them
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -191,12 +198,24 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, med
     good = video_request(f"{base}/clip2.mp4", model=model, max_tokens=4)
     raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=headers(), timeout=60)
     too_big_inline = "data:video/mp4;base64," + base64.b64encode(b"\0" * (300 << 10)).decode()
+    too_big_body = good | {"padding": "x" * (2 << 20)}  # over --max-request-mb 1
+    nested = json.dumps(good)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    audio = good | {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}},
+                                                             {"type": "text", "text": "?"}]}]}
+    stream = good | {"stream": True}
     cases = {
         "malformed JSON": (raw, 400, "invalid_json"),
         "unknown model": (post(server, good | {"model": "gpt-4o"}), 404, "model_not_found"),
         "missing API key": (httpx.post(f"{server}/v1/chat/completions", json=good, timeout=60), 401,
                             "missing_api_key"),
         "wrong API key": (post(server, good, key="wrong"), 401, "invalid_api_key"),
+        "streaming without an API key": (httpx.post(f"{server}/v1/chat/completions", json=stream, timeout=60), 401,
+                                         "missing_api_key"),
+        "streaming with a wrong API key": (post(server, stream, key="wrong"), 401, "invalid_api_key"),
+        "body over --max-request-mb": (post(server, too_big_body), 413, "request_too_large"),
+        "deeply nested JSON": (httpx.post(f"{server}/v1/chat/completions", content=nested.encode(),
+                                          headers=headers(), timeout=60), 400, "invalid_json"),
+        "unknown content-part type": (post(server, audio), 422, "invalid_request"),
         "unreachable video_url": (post(server, video_request("http://127.0.0.1:1/clip.mp4", model=model)), 400,
                                   "media_unreachable"),
         "missing file on the media server": (post(server, video_request(f"{base}/gone.mp4", model=model)), 400,
@@ -321,3 +340,23 @@ def test_models_health_and_metrics(server):
     for name in ("dymu_serve_requests_total", "dymu_serve_time_to_first_token_seconds_bucket",
                  "dymu_serve_token_cache_total", "dymu_serve_visual_tokens_total"):
         assert name in metrics
+
+
+def test_the_media_folder_stays_bounded_and_goes_when_the_server_stops(server, media, media_dir):
+    """Runs last in this module: it stops the application (the fixture's teardown then finds it gone)."""
+    from ray import serve
+
+    root, base = media
+    model = served_model(server)
+    for i in range(6):  # 6 distinct uploads of ~200 KiB of garbage, refused: none is kept
+        garbage = "data:video/mp4;base64," + base64.b64encode(f"junk {i} ".encode() * 25_000).decode()
+        assert post(server, video_request(garbage, model=model)).json()["error"]["code"] == "invalid_media"
+    for name in ("clip0.mp4", "clip1.mp4", "clip2.mp4", "clip3.mp4", "still.mp4"):
+        assert post(server, video_request(f"{base}/{name}", model=model, max_tokens=2)).status_code == 200
+    files = [p for p in media_dir.rglob("*") if p.is_file()]
+    assert files and sum(p.stat().st_size for p in files) <= 1 << 20  # --media-cache-mb 1
+    serve.delete("dymu-test")
+    deadline = time.monotonic() + 60
+    while any(media_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(media_dir.iterdir())
