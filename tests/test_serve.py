@@ -6,10 +6,16 @@ import base64
 import functools
 import http.server
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -340,6 +346,53 @@ def test_models_health_and_metrics(server):
     for name in ("dymu_serve_requests_total", "dymu_serve_time_to_first_token_seconds_bucket",
                  "dymu_serve_token_cache_total", "dymu_serve_visual_tokens_total"):
         assert name in metrics
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal's foreground job (see tests/test_stream.py)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_command_removes_its_media_folder_when_stopped(tiny_ov, media, tmp_path, stop):
+    """`dymu-video serve` as a user runs it, stopped by Ctrl-C (to its process group) or SIGTERM."""
+    root, _ = media
+    temp = Path(tempfile.mkdtemp(prefix="ds", dir="/tmp"))  # short: Ray puts its sockets under $TMPDIR too
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(temp))
+    env.pop("DYMU_API_KEY", None)
+    with open(tmp_path / "serve.log", "w") as log:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tiny_ov), "--port", str(port),
+             "--cache", "off", "--model-worker-cpus", "0.5", "--max-new-tokens", "2"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=log, start_new_session=True,
+            preexec_fn=default_sigint)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+        while time.monotonic() < deadline and command.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        png = "data:image/png;base64," + base64.b64encode((root / "a.png").read_bytes()).decode()
+        body = {"model": str(tiny_ov), "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What is it?"}]}]}
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, (answer.text, (tmp_path / "serve.log").read_text()[-3000:])
+        assert [p for p in temp.glob("dymu-serve-media-*/**/*") if p.is_file()]  # the upload is kept
+        if stop == signal.SIGINT:
+            os.killpg(command.pid, signal.SIGINT)
+        else:
+            command.send_signal(signal.SIGTERM)
+        expected = 130 if stop == signal.SIGINT else 0  # Ctrl-C exits 130, as the other commands do
+        code = command.wait(timeout=120)
+        assert code == expected, (code, (tmp_path / "serve.log").read_text()[-3000:])
+        assert list(temp.glob("dymu-serve-media-*")) == []
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_media_folder_stays_bounded_and_goes_when_the_server_stops(server, media, media_dir):

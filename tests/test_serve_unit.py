@@ -143,6 +143,8 @@ def test_file_urls_stay_inside_the_allowed_folder(loopback_files, tmp_path):
     (["--allowed-media-dir", "/no/such/dir"], "no such folder"),
     (["--port", "70000"], "not a port"),
     (["--max-media-mb", "0"], "must be positive"),
+    (["--max-request-mb", "0"], "--max-request-mb must be positive"),
+    (["--media-cache-mb", "-1"], "--media-cache-mb must not be negative"),
 ])
 def test_serve_checks_its_options_before_starting_anything(tiny_ov, args, message, capsys, monkeypatch):
     def runtime_started(*_args, **_kwargs):

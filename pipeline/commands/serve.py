@@ -121,15 +121,16 @@ def run(args: argparse.Namespace) -> int:
         with open_runtime(args.ray_address, args.redis_url, args.cache == "on") as runtime:
             settings.redis_url = runtime.redis_url
             settings.cache_node = ray.get_runtime_context().get_node_id()
+            # SIGTERM (docker stop, systemd, kill) stops it like Ctrl-C: the finally blocks below stop Serve,
+            # Ray and the private redis-server, and remove the media folder. Set once Ray is up (ray.init sets
+            # its own) and before Serve answers, so that a SIGTERM as soon as it serves is ours.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             serve.start(http_options={"host": args.host, "port": args.port})
             try:
                 serve.run(build_app(settings), name="dymu", route_prefix="/", blocking=False)
                 log.warning("serving %s at http://%s:%d/v1 (preset %s, token cache: %s); Ctrl-C stops it",
                             settings.served_name, args.host, args.port, settings.config.preset,
                             runtime.describe_cache())
-                # SIGTERM (docker stop, systemd, kill) stops it like Ctrl-C: the finally blocks below stop Serve,
-                # Ray and the private redis-server.
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
                 threading.Event().wait()
             finally:
                 serve.shutdown()
