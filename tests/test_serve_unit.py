@@ -416,3 +416,21 @@ def test_a_public_host_redirecting_to_loopback_is_refused(loopback_files, tmp_pa
     assert (error.value.status, error.value.code) == (400, "private_url")
     assert seen == ["localhost", "127.0.0.1"]  # refused at the second hop, before it was fetched
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_caller_cancelled_while_its_upload_is_written_does_not_pin_it_in_the_cache(tmp_path):
+    fetcher = MediaFetcher(MediaLimits(max_bytes=1 << 20, cache_bytes=0), tmp_path / "spool")
+
+    async def scenario():
+        task = asyncio.ensure_future(fetcher.fetch(inline(b"z" * (1 << 20))))
+        await asyncio.sleep(0)  # the write has started in its thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.get_running_loop().shutdown_default_executor()  # the write in its thread is done
+        deadline = asyncio.get_running_loop().time() + 10  # and then its hold is released, on this loop
+        while fetcher.cached_bytes() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert fetcher.cached_bytes() == 0 and list(fetcher.spool.iterdir()) == []

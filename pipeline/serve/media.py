@@ -119,7 +119,7 @@ class MediaFetcher:
         """The media at ``url``, held for the caller until ``release``."""
         scheme = urlparse(url).scheme.lower()
         if scheme == "data":
-            return await asyncio.to_thread(self._store, self._decode_data_url(url))
+            return await self._store_held(self._decode_data_url(url))
         if scheme == "file":
             return await asyncio.to_thread(self._local_file, url)
         if scheme in ("http", "https"):
@@ -128,9 +128,19 @@ class MediaFetcher:
                 self._downloads[url] = task
                 task.add_done_callback(lambda _: self._downloads.pop(url, None))
             data, digest = await asyncio.shield(self._downloads[url])
-            return await asyncio.to_thread(self._store, data, digest)  # each caller holds the file itself
+            return await self._store_held(data, digest)  # each caller holds the file itself
         raise ApiError(400, f"unsupported media URL scheme {scheme or '(none)'!r}: use http(s)://, data: or file://",
                        "invalid_media_url")
+
+    async def _store_held(self, data: bytes, digest: str | None = None) -> Fetched:
+        """``_store`` in a thread. A caller cancelled meanwhile (its client went away) never gets the file, so
+        its hold is released when the thread is done, or the file could never leave the cache."""
+        stored = asyncio.ensure_future(asyncio.to_thread(self._store, data, digest))
+        try:
+            return await asyncio.shield(stored)
+        except asyncio.CancelledError:
+            stored.add_done_callback(lambda done: done.cancelled() or done.exception() or self.release([done.result()]))
+            raise
 
     def release(self, files: Iterable[Fetched], refused: bool = False) -> None:
         """A request is done with ``files``. ``refused``: the server refused them (they do not decode, or break
