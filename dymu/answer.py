@@ -38,11 +38,13 @@ class TextStream:
             self.sent = len(text)
 
 
-def check_question_fits(tokenizer: Any, question: str, room: int) -> None:
-    """Raise ``DymuError`` when ``question`` alone has more than ``room`` tokens, tokenizing no more of it than
-    proves that: a prefix of about 4 characters a token, doubled until it holds more than ``room`` tokens or is
-    the whole question. A 10 MB text is refused after reading a few hundred KB of it, not all of it (whose
-    tokens took GBs and tens of seconds). A question that passes gets the exact check with the prompt later."""
+def check_question_fits(tokenizer: Any, question: str, context: int, used: int) -> None:
+    """Raise ``DymuError`` when ``question`` alone has more tokens than the ``context - used`` positions the
+    media leave, tokenizing no more of it than proves that: a prefix of about 4 characters a token, doubled
+    until it holds more tokens than that or is the whole question. A 10 MB text is refused after reading a few
+    hundred KB of it, not all of it (whose tokens took GBs and tens of seconds). A question that passes gets
+    the exact check, with the prompt around it, later."""
+    room = context - used
     size = 4 * max(room, 1)
     while True:
         prefix = question[:size]
@@ -51,8 +53,8 @@ def check_question_fits(tokenizer: Any, question: str, room: int) -> None:
             prefix = prefix[:space] if space > 0 else prefix
         count = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
         if count > room:
-            raise DymuError(f"the question has at least {count} tokens, more than the {room} positions the "
-                            f"model's context has left beside the media")
+            raise DymuError(f"the question has at least {count} tokens, more than the {max(room, 0)} positions "
+                            f"the model's context of {context} has left beside the media's {used}")
         if size >= len(question):
             return
         size *= 2

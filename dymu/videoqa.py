@@ -210,8 +210,8 @@ class VideoQA:
 
     def check_fits(self, tokens: MergedTokens, question: str) -> None:
         """Refuse a question that cannot fit in the context beside ``tokens``, before tokenizing all of it."""
-        room = self.family.config.text_config.max_position_embeddings - tokens.num_positions
-        check_question_fits(self.family.tokenizer, question, room)
+        context = self.family.config.text_config.max_position_embeddings
+        check_question_fits(self.family.tokenizer, question, context, tokens.num_positions)
 
     def finish_answer(self, tokens: MergedTokens, question: str, result: GenerationResult, source: str = "",
                       prefix_cache: str = "off") -> Answer:
