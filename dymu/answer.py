@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from dymu.errors import DymuError
 from dymu.families.base import VLMFamily
 from dymu.llm.config import GenerateConfig
 from dymu.llm.generate import GenerationResult, generate
@@ -35,6 +36,28 @@ class TextStream:
         if len(text) > self.sent:
             self.emit(text[self.sent :])
             self.sent = len(text)
+
+
+def check_question_fits(tokenizer: Any, question: str, context: int, used: int) -> None:
+    """Raise ``DymuError`` when ``question`` alone has more tokens than the ``context - used`` positions the
+    media leave, tokenizing no more of it than proves that: a prefix of about 4 characters a token, doubled
+    until it holds more tokens than that or is the whole question. A 10 MB text is refused after reading a few
+    hundred KB of it, not all of it (whose tokens took GBs and tens of seconds). A question that passes gets
+    the exact check, with the prompt around it, later."""
+    room = context - used
+    size = 4 * max(room, 1)
+    while True:
+        prefix = question[:size]
+        if size < len(question):  # cut at a space, so that no word is split into more tokens than it has
+            space = prefix.rfind(" ")
+            prefix = prefix[:space] if space > 0 else prefix
+        count = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        if count > room:
+            raise DymuError(f"the question has at least {count} tokens, more than the {max(room, 0)} positions "
+                            f"the model's context of {context} has left beside the media's {used}")
+        if size >= len(question):
+            return
+        size *= 2
 
 
 def question_sequence(family: VLMFamily, tokens: MergedTokens, question: str, kind: str) -> VirtualSequence:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from dymu.answer import answer_request, write_answer
+from dymu.answer import answer_request, check_question_fits, write_answer
 from dymu.errors import DymuError
 from dymu.families import QwenVLFamily, VLMFamily, load_family
 from dymu.frames import load_image, media_kind, read_video_frames
@@ -164,6 +164,7 @@ class VideoQA:
     ) -> Answer:
         """The answer to ``question``; ``stop``: strings that end it (cut before the first one found)."""
         check_question(question)
+        self.check_fits(tokens, question)
         kind = tokens.meta.get("kind", "video")
         generate_config = self.config.generate_config(self.family.config.text_config.num_hidden_layers)
         if stop:
@@ -203,8 +204,14 @@ class VideoQA:
                        options: dict[str, Any] | None = None) -> tuple[VirtualSequence, GenerateConfig, str, int]:
         """(sequence, generation options, visual prefix key, visual prefix length) for the engine."""
         check_question(question)
+        self.check_fits(tokens, question)
         sequence, key, prefix = answer_request(self.family, tokens, question, tokens.meta.get("kind", "video"))
         return sequence, self.generate_config(options), key, prefix
+
+    def check_fits(self, tokens: MergedTokens, question: str) -> None:
+        """Refuse a question that cannot fit in the context beside ``tokens``, before tokenizing all of it."""
+        context = self.family.config.text_config.max_position_embeddings
+        check_question_fits(self.family.tokenizer, question, context, tokens.num_positions)
 
     def finish_answer(self, tokens: MergedTokens, question: str, result: GenerationResult, source: str = "",
                       prefix_cache: str = "off") -> Answer:

@@ -6,10 +6,16 @@ import base64
 import functools
 import http.server
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -62,7 +68,13 @@ def serve_redis():
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, serve_redis, tiny_ov, media):
+def media_dir(tmp_path_factory):
+    """Where the ingress keeps its media folder (as `dymu-video serve` sets it)."""
+    return tmp_path_factory.mktemp("serve-spool")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, serve_redis, tiny_ov, media, media_dir):
     from ray import serve
 
     from pipeline.serve.app import build_app, settings_from_options
@@ -71,6 +83,7 @@ def server(ray_local, serve_redis, tiny_ov, media):
     settings = settings_from_options(
         str(tiny_ov), preset="mid", api_key=KEY, allow_private_urls=True, allowed_media_dir=str(root),
         max_media_mb=0.25, max_frames=8, redis_url=serve_redis.url, num_frames=FRAMES, max_new_tokens=MAX_TOKENS,
+        max_request_mb=1, media_cache_mb=1, media_dir=str(media_dir),
         model_worker_cpus=0.5)  # half the session's 2 CPUs: `ask` starts its own actors beside them
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -191,12 +204,24 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, med
     good = video_request(f"{base}/clip2.mp4", model=model, max_tokens=4)
     raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=headers(), timeout=60)
     too_big_inline = "data:video/mp4;base64," + base64.b64encode(b"\0" * (300 << 10)).decode()
+    too_big_body = good | {"padding": "x" * (2 << 20)}  # over --max-request-mb 1
+    nested = json.dumps(good)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    audio = good | {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}},
+                                                             {"type": "text", "text": "?"}]}]}
+    stream = good | {"stream": True}
     cases = {
         "malformed JSON": (raw, 400, "invalid_json"),
         "unknown model": (post(server, good | {"model": "gpt-4o"}), 404, "model_not_found"),
         "missing API key": (httpx.post(f"{server}/v1/chat/completions", json=good, timeout=60), 401,
                             "missing_api_key"),
         "wrong API key": (post(server, good, key="wrong"), 401, "invalid_api_key"),
+        "streaming without an API key": (httpx.post(f"{server}/v1/chat/completions", json=stream, timeout=60), 401,
+                                         "missing_api_key"),
+        "streaming with a wrong API key": (post(server, stream, key="wrong"), 401, "invalid_api_key"),
+        "body over --max-request-mb": (post(server, too_big_body), 413, "request_too_large"),
+        "deeply nested JSON": (httpx.post(f"{server}/v1/chat/completions", content=nested.encode(),
+                                          headers=headers(), timeout=60), 400, "invalid_json"),
+        "unknown content-part type": (post(server, audio), 422, "invalid_request"),
         "unreachable video_url": (post(server, video_request("http://127.0.0.1:1/clip.mp4", model=model)), 400,
                                   "media_unreachable"),
         "missing file on the media server": (post(server, video_request(f"{base}/gone.mp4", model=model)), 400,
@@ -321,3 +346,70 @@ def test_models_health_and_metrics(server):
     for name in ("dymu_serve_requests_total", "dymu_serve_time_to_first_token_seconds_bucket",
                  "dymu_serve_token_cache_total", "dymu_serve_visual_tokens_total"):
         assert name in metrics
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal's foreground job (see tests/test_stream.py)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_command_removes_its_media_folder_when_stopped(tiny_ov, media, tmp_path, stop):
+    """`dymu-video serve` as a user runs it, stopped by Ctrl-C (to its process group) or SIGTERM."""
+    root, _ = media
+    temp = Path(tempfile.mkdtemp(prefix="ds", dir="/tmp"))  # short: Ray puts its sockets under $TMPDIR too
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(temp))
+    env.pop("DYMU_API_KEY", None)
+    with open(tmp_path / "serve.log", "w") as log:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tiny_ov), "--port", str(port),
+             "--cache", "off", "--model-worker-cpus", "0.5", "--max-new-tokens", "2"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=log, start_new_session=True,
+            preexec_fn=default_sigint)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+        while time.monotonic() < deadline and command.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        png = "data:image/png;base64," + base64.b64encode((root / "a.png").read_bytes()).decode()
+        body = {"model": str(tiny_ov), "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What is it?"}]}]}
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, (answer.text, (tmp_path / "serve.log").read_text()[-3000:])
+        assert [p for p in temp.glob("dymu-serve-media-*/**/*") if p.is_file()]  # the upload is kept
+        if stop == signal.SIGINT:
+            os.killpg(command.pid, signal.SIGINT)
+        else:
+            command.send_signal(signal.SIGTERM)
+        expected = 130 if stop == signal.SIGINT else 0  # Ctrl-C exits 130, as the other commands do
+        code = command.wait(timeout=120)
+        assert code == expected, (code, (tmp_path / "serve.log").read_text()[-3000:])
+        assert list(temp.glob("dymu-serve-media-*")) == []
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_media_folder_stays_bounded_and_goes_when_the_server_stops(server, media, media_dir):
+    """Runs last in this module: it stops the application (the fixture's teardown then finds it gone)."""
+    from ray import serve
+
+    root, base = media
+    model = served_model(server)
+    for i in range(6):  # 6 distinct uploads of ~200 KiB of garbage, refused: none is kept
+        garbage = "data:video/mp4;base64," + base64.b64encode(f"junk {i} ".encode() * 25_000).decode()
+        assert post(server, video_request(garbage, model=model)).json()["error"]["code"] == "invalid_media"
+    for name in ("clip0.mp4", "clip1.mp4", "clip2.mp4", "clip3.mp4", "still.mp4"):
+        assert post(server, video_request(f"{base}/{name}", model=model, max_tokens=2)).status_code == 200
+    files = [p for p in media_dir.rglob("*") if p.is_file()]
+    assert files and sum(p.stat().st_size for p in files) <= 1 << 20  # --media-cache-mb 1
+    serve.delete("dymu-test")
+    deadline = time.monotonic() + 60
+    while any(media_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(media_dir.iterdir())

@@ -5,9 +5,11 @@ import argparse
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 
 from dymu.errors import DymuError
@@ -50,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-media-mb", type=float, default=64.0, help="largest media file in MiB (default 64)")
     g.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest video (default 3600)")
     g.add_argument("--fetch-timeout", type=float, default=30.0, help="seconds for one download (default 30)")
+    g.add_argument("--max-request-mb", type=float, default=32.0,
+                   help="largest request body in MiB, inline media included; larger ones get 413 (default 32)")
+    g.add_argument("--media-cache-mb", type=float, default=1024.0,
+                   help="MiB of fetched media kept for reuse, least recently used dropped first (default 1024)")
     g.add_argument("--llms", type=int, default=1, help="replicas of the LLM engine deployment (default 1)")
     g.add_argument("--encoders", type=int, default=1, help="replicas of the vision encoder deployment (default 1)")
     g.add_argument("--max-concurrency", type=int, default=64,
@@ -97,8 +103,8 @@ def settings_from_args(args: argparse.Namespace):
         max_media_mb=args.max_media_mb, max_video_seconds=args.max_video_seconds,
         max_frames=args.max_frames or 64, fetch_timeout=args.fetch_timeout, llms=args.llms, encoders=args.encoders,
         model_worker_cpus=args.model_worker_cpus, model_worker_gpus=args.model_worker_gpus,
-        max_concurrency=args.max_concurrency,
-        config_file=args.config_file, **overrides)
+        max_concurrency=args.max_concurrency, max_request_mb=args.max_request_mb,
+        media_cache_mb=args.media_cache_mb, config_file=args.config_file, **overrides)
     if settings.api_key is None and not is_loopback(args.host):
         raise DymuError(f"--host {args.host}: without an API key the server listens on loopback only; pass "
                         f"--api-key or set DYMU_API_KEY to serve other machines")
@@ -113,18 +119,25 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.runtime import open_runtime
     from pipeline.serve.app import build_app
 
-    with open_runtime(args.ray_address, args.redis_url, args.cache == "on") as runtime:
-        settings.redis_url = runtime.redis_url
-        settings.cache_node = ray.get_runtime_context().get_node_id()
-        serve.start(http_options={"host": args.host, "port": args.port})
-        try:
-            serve.run(build_app(settings), name="dymu", route_prefix="/", blocking=False)
-            log.warning("serving %s at http://%s:%d/v1 (preset %s, token cache: %s); Ctrl-C stops it",
-                        settings.served_name, args.host, args.port, settings.config.preset, runtime.describe_cache())
-            # SIGTERM (docker stop, systemd, kill) stops it like Ctrl-C: the finally blocks below stop Serve, Ray
-            # and the private redis-server.
+    # The ingress keeps fetched media under this folder; it goes when the server stops (also on SIGINT/SIGTERM).
+    settings.media_dir = tempfile.mkdtemp(prefix="dymu-serve-media-")
+    try:
+        with open_runtime(args.ray_address, args.redis_url, args.cache == "on") as runtime:
+            settings.redis_url = runtime.redis_url
+            settings.cache_node = ray.get_runtime_context().get_node_id()
+            # SIGTERM (docker stop, systemd, kill) stops it like Ctrl-C: the finally blocks below stop Serve,
+            # Ray and the private redis-server, and remove the media folder. Set once Ray is up (ray.init sets
+            # its own) and before Serve answers, so that a SIGTERM as soon as it serves is ours.
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            threading.Event().wait()
-        finally:
-            serve.shutdown()
+            serve.start(http_options={"host": args.host, "port": args.port})
+            try:
+                serve.run(build_app(settings), name="dymu", route_prefix="/", blocking=False)
+                log.warning("serving %s at http://%s:%d/v1 (preset %s, token cache: %s); Ctrl-C stops it",
+                            settings.served_name, args.host, args.port, settings.config.preset,
+                            runtime.describe_cache())
+                threading.Event().wait()
+            finally:
+                serve.shutdown()
+    finally:
+        shutil.rmtree(settings.media_dir, ignore_errors=True)
     return 0

@@ -51,6 +51,8 @@ class ServeSettings:
     encoders / llms: replicas of the encoder / LLM deployments; model_worker_cpus / _gpus: what each of those
     replicas takes (None: a share of the cluster, see ``replica_resources``); max_concurrency: the requests
     one LLM replica accepts at once (its engine batches up to the config's max_batch of them).
+    max_request_bytes: the largest request body (inline media included); media_dir: the folder the
+    ingress replicas keep their media folders in (None: the system's temp; the command removes it at exit).
     """
 
     config: VideoQAConfig
@@ -65,10 +67,8 @@ class ServeSettings:
     model_worker_gpus: float | None = None
     max_concurrency: int = 64
     supports_video: bool = True
-
-    def max_body_bytes(self) -> int:
-        """A request may carry its media inline (base64: 4/3 of the bytes), a frame per image at most."""
-        return (self.limits.max_bytes * 4 // 3 + 4096) * max(1, self.limits.max_frames) + (1 << 20)
+    max_request_bytes: int = 32 << 20
+    media_dir: str | None = None
 
 
 class Metrics:
@@ -109,15 +109,44 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=500)
 
 
-@serve.deployment(name="DymuChat", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-@serve.ingress(api)
-class ChatServer:
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the server's limit of {limit} bytes (--max-request-mb)",
+                    "request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to be over ``limit`` bytes: from its Content-Length
+    before a byte is read, or while a chunked body is read (never more than a chunk past the limit)."""
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise ApiError(400, "the Content-Length header is not a number", "invalid_request") from None
+    if declared > limit:
+        raise _too_large(limit)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+class ChatService:
+    """The ingress's endpoints (``ChatServer`` is this class as a Serve deployment)."""
+
     def __init__(self, settings: ServeSettings, encoder: DeploymentHandle, llm: DeploymentHandle):
         self.settings = settings
         self.backend = Backend(settings.config, encoder, llm, settings.redis_url, settings.cache_node)
-        self.fetcher = MediaFetcher(settings.limits)
+        self.fetcher = MediaFetcher(settings.limits, parent_dir=settings.media_dir)
         self.metrics = Metrics()
         self.created = int(time.time())
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica (serve.shutdown, a redeploy): the media folder goes with it.
+        fetcher = getattr(self, "fetcher", None)
+        if fetcher is not None:
+            fetcher.close()
 
     # --- endpoints -----------------------------------------------------------------------------------
     @api.get("/health")
@@ -155,26 +184,22 @@ class ChatServer:
 
     async def _chat(self, request: Request) -> Any:
         started = time.perf_counter()
-        self._authorize(request)
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.settings.max_body_bytes():
-            raise ApiError(413, f"the request body is larger than {self.settings.max_body_bytes()} bytes",
-                           "request_too_large")
-        chat = parse_request(await request.body())
+        self._authorize(request)  # before anything else, streaming or not
+        chat = parse_request(await read_body(request, self.settings.max_request_bytes))
         if chat.model != self.settings.served_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist here; this server runs "
                                 f"{self.settings.served_name!r}", "model_not_found", "model")
         sampling = self._sampling(chat)
         prompt = read_prompt(chat)
         fetch_started = time.perf_counter()
-        files: list[Fetched] = [await self.fetcher.fetch(url) for _, url in prompt.media]
-        seconds = {"fetch": time.perf_counter() - fetch_started}
-
-        async def read() -> Any:
-            return await asyncio.to_thread(read_fetched, files, sampling, self.settings.limits,
-                                           self.settings.supports_video)
-
-        tokens, cache, token_seconds = await self.backend.tokens(source_id(files), sampling, read)
+        files: list[Fetched] = []
+        try:
+            for _, url in prompt.media:
+                files.append(await self.fetcher.fetch(url))
+            seconds = {"fetch": time.perf_counter() - fetch_started}
+            tokens, cache, token_seconds = await self._tokens(files, sampling)
+        finally:  # the tokens are made (or the media refused): the files may go once the cache needs room
+            self.fetcher.release(files)
         seconds |= token_seconds
         self.metrics.cache.labels(result=cache["status"]).inc()
         pieces = self.backend.stream(tokens, prompt.question, source_id(files), chat.options())
@@ -196,6 +221,18 @@ class ChatServer:
             pieces.cancel()  # a no-op once it finished; otherwise (the client went away) the engine drops it
         return completion(cid, self.settings.served_name, item.text, finish_reason(item.report["llm"]["stop_reason"]),
                           self._usage(item, cache, seconds, started))
+
+    async def _tokens(self, files: list[Fetched], sampling: Sampling) -> tuple[Any, dict[str, Any], dict[str, float]]:
+        async def read() -> Any:
+            return await asyncio.to_thread(read_fetched, files, sampling, self.settings.limits,
+                                           self.settings.supports_video)
+
+        try:
+            return await self.backend.tokens(source_id(files), sampling, read)
+        except ApiError:  # media the server refuses (not a video, too long, the encoder's refusal) are not kept
+            self.fetcher.release(files, refused=True)
+            files.clear()
+            raise
 
     def _sampling(self, chat: ChatRequest) -> Sampling:
         config, limits, knobs = self.settings.config, self.settings.limits, chat.dymu
@@ -256,6 +293,10 @@ class ChatServer:
         return body
 
 
+ChatServer = serve.deployment(name="DymuChat", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)(
+    serve.ingress(api)(ChatService))
+
+
 def replica_resources(settings: ServeSettings) -> dict[str, float]:
     """``ray_actor_options`` of one encoder or LLM replica: ``--model-worker-cpus`` / ``--model-worker-gpus``
     when given, else an equal share of the cluster Ray is connected to (a GPU each when it has GPUs, see
@@ -293,15 +334,19 @@ def settings_from_options(model: str, preset: str = "mid", served_name: str | No
                           max_media_mb: float = 64, max_video_seconds: float = 3600, max_frames: int = 64,
                           fetch_timeout: float = 30, redis_url: str | None = None, encoders: int = 1, llms: int = 1,
                           model_worker_cpus: float | None = None, model_worker_gpus: float | None = None,
-                          max_concurrency: int = 64,
+                          max_concurrency: int = 64, max_request_mb: float = 32, media_cache_mb: float = 1024,
+                          media_dir: str | None = None,
                           config_file: str | None = None, **overrides: Any) -> ServeSettings:
     """Validated settings from plain options (raises ``DymuError`` with the reason; nothing starts)."""
     from workers.frame_decoder import family_supports_video
 
     config = make_config(preset, config_file, model=model, **overrides)
     limits = MediaLimits(int(max_media_mb * (1 << 20)), max_video_seconds, max_frames, fetch_timeout,
-                         allowed_media_dir and os.path.realpath(allowed_media_dir), allow_private_urls)
+                         allowed_media_dir and os.path.realpath(allowed_media_dir), allow_private_urls,
+                         int(media_cache_mb * (1 << 20)))
     limits.check()
+    if max_request_mb <= 0:
+        raise DymuError("--max-request-mb must be positive")
     if min(encoders, llms, max_concurrency) < 1:
         raise DymuError("--encoders, --llms and --max-concurrency must be >= 1")
     if (model_worker_cpus is not None and model_worker_cpus <= 0) or (model_worker_gpus or 0) < 0:
@@ -310,8 +355,9 @@ def settings_from_options(model: str, preset: str = "mid", served_name: str | No
                          or None, limits=limits, redis_url=redis_url or os.environ.get("REDIS_URL") or None,
                          encoders=encoders, llms=llms, model_worker_cpus=model_worker_cpus,
                          model_worker_gpus=model_worker_gpus,
-                         max_concurrency=max_concurrency,
-                         supports_video=family_supports_video(config.model, config.revision))
+                         max_concurrency=max_concurrency, max_request_bytes=int(max_request_mb * (1 << 20)),
+                         media_dir=media_dir, supports_video=family_supports_video(config.model, config.revision))
 
 
-__all__ = ["ServeSettings", "ChatServer", "build_app", "replica_resources", "app_builder", "settings_from_options"]
+__all__ = ["ServeSettings", "ChatService", "ChatServer", "read_body", "build_app", "replica_resources", "app_builder",
+           "settings_from_options"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class ApiError(Exception):
@@ -56,12 +57,26 @@ class VideoPart(_Part):
 
 
 ContentPart = TextPart | ImagePart | VideoPart
+PART_TYPES = ("text", "image_url", "video_url")
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, value: Any) -> Any:
+        # Checked before the union: otherwise pydantic reports the str branch's error first, never the part.
+        for i, part in enumerate(value if isinstance(value, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in PART_TYPES:
+                given = f"type {kind!r}" if isinstance(part, dict) and "type" in part else "no type"
+                raise PydanticCustomError(
+                    "unknown_part_type", "content part {index} has {given}; the allowed types are {allowed}",
+                    {"index": i, "given": given, "allowed": ", ".join(PART_TYPES)})
+        return value
 
 
 class DymuOptions(BaseModel):
@@ -104,13 +119,18 @@ class ChatRequest(BaseModel):
 
 
 def parse_request(raw: bytes) -> ChatRequest:
-    """The request body as a ``ChatRequest``: 400 for JSON that does not parse, 422 for the wrong shape."""
+    """The request body as a ``ChatRequest``: 400 for JSON that does not parse (or nests too deeply to), 422
+    for the wrong shape."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:  # the decoder recurses once per level: deep nesting is refused, not a crash
+        raise ApiError(400, "the request body nests its JSON arrays or objects too deeply", "invalid_json") from None
     try:
         return ChatRequest.model_validate(data)
+    except RecursionError:
+        raise ApiError(400, "the request body nests its JSON arrays or objects too deeply", "invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
