@@ -226,7 +226,7 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
         with pytest.raises(ApiError) as error:
             parse_request(('{"model": "m", "messages": [{"role": "user", "content": "x"}], ' + nested + "}").encode())
         assert (error.value.status, error.value.code) == (400, "invalid_json")
-        assert "too deeply" in error.value.message
+        assert "nests lists or mappings more than 64 levels deep" in error.value.message
 
 
 def test_an_unknown_content_part_type_is_named_with_the_allowed_ones():

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from dymu.files import TooDeeplyNested, parse_json
+
 
 class ApiError(Exception):
     """An error the client caused (or may retry): HTTP status plus OpenAI's error fields."""
@@ -122,15 +124,13 @@ def parse_request(raw: bytes) -> ChatRequest:
     """The request body as a ``ChatRequest``: 400 for JSON that does not parse (or nests too deeply to), 422
     for the wrong shape."""
     try:
-        data = json.loads(raw)
+        data = parse_json(raw, "the request body")  # under a nesting limit: deep nesting is a 400, not a crash
+    except TooDeeplyNested as exc:
+        raise ApiError(400, str(exc), "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
-    except RecursionError:  # the decoder recurses once per level: deep nesting is refused, not a crash
-        raise ApiError(400, "the request body nests its JSON arrays or objects too deeply", "invalid_json") from None
     try:
         return ChatRequest.model_validate(data)
-    except RecursionError:
-        raise ApiError(400, "the request body nests its JSON arrays or objects too deeply", "invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
