@@ -11,13 +11,13 @@ runs through our fast encoder (float32) and through the slow literal reference o
 tests/dtome_reference.py, in float64 and in float32, with the same thresholds (calibrated once in the
 authors' order). Per image it reports the first layer whose rows differ from the float64 reference (order,
 then partition), the smallest gap there between two edge scores or a score and tau (a near tie that
-rounding can rank either way), and the final token counts. The reference is Python loops (~1-2 s a layer
-per image): a few images take minutes. Only gradient and natural-ish images are used, the kinds that merge
-partway (flat ones collapse in the first layer, the busy texture keeps everything).
+rounding can rank either way), and the final token counts. The reference is Python loops (1-3 s a layer
+per image and dtype): 6 images take ~20 min of CPU. Only gradient and natural-ish images are used, the
+kinds that merge partway (flat ones collapse in the first layer, the busy texture keeps everything).
 
     python -m bench.merge_order --threads 1                 # so400m shape, 27 layers, 8 images, CPU fp32
     python -m bench.merge_order --layers 12 --images 12     # shallower tower, quicker
-    python -m bench.merge_order --reference --threads 1 --images 4    # authors order against the reference
+    python -m bench.merge_order --reference --threads 1 --images 6    # authors order against the reference
 """
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def reference_main(args: argparse.Namespace, tower) -> None:
             same[name] += order is None
             call = "-" if order is None else f"{closest_call(exact[order].scores, taus[order]):.1e}"
             gaps[name].append(len(groups[-1]) - n_exact)
-            cells += [f"{layer_text(order)} / {layer_text(partition)}", call, f"{len(groups[-1])} ({gaps[name][-1]:+d})"]
+            tokens = f"{len(groups[-1])} ({gaps[name][-1]:+d})"
+            cells += [f"{layer_text(order)} / {layer_text(partition)}", call, tokens]
         print(f"| {i} | {layer_text(first_merge)} | {n_exact} | " + " | ".join(cells) + " |")
     for name, label in (("ours", "ours (authors order, float32)"), ("f32", "reference in float32")):
         spread = [abs(g) for g in gaps[name]]
