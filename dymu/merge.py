@@ -14,10 +14,14 @@ Rows keep the relative order of the positions they started from ("positional" or
 protected prefix (CLIP's CLS token) stays in front and the alternate A/B split of a row depends only on its
 own image. DyMU's own code (ToMe's) instead rebuilds each image as [A rows left unmerged, by descending
 cosine of their best edge] + [B rows] ("authors" order), and the next layer splits that order alternately;
-``merge_tokens(order="authors")`` reproduces it, for thresholds calibrated with their code. Both orders
-merge the same edges up to the first layer that merges; the partitions differ after it, the token counts
-only a little. Positional stays the default: a row's A/B side then depends on where its patches are, not
-on rounding in the previous layer's scores, and the result reads in patch order.
+``merge_tokens(order="authors")`` does the same, for thresholds calibrated with their code. It is their
+algorithm and order, not their rounding: on a shallow encoder it gives the same partitions as a literal
+float64 reference of their algorithm, on a deep one (27 layers) the partitions drift apart after a few
+merging layers, wherever two edge scores lie closer than float32 rounding, as the reference itself drifts
+between float32 and float64 (``bench/merge_order.py --reference``). Both orders merge the same edges up to
+the first layer that merges; the partitions differ after it, the token counts only a little. Positional
+stays the default: a row's A/B side then depends on where its patches are, not on rounding in the previous
+layer's scores, and the result reads in patch order.
 
 One merge step (per ViT layer, after the attention residual): the layer's keys, averaged over heads, are
 the similarity metric. Even rows form set A, odd rows set B; each A row gets one edge to its most similar B
